@@ -1,0 +1,15 @@
+"""rst_optax: Randomized Sharpness-Aware Training (RST, G-RST) for Optax."""
+
+from rst_optax import schedules
+from rst_optax._coin import coin, decisions
+from rst_optax._rst import RSTState, rst
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'RSTState',
+    'coin',
+    'decisions',
+    'rst',
+    'schedules',
+]

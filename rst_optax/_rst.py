@@ -1,0 +1,300 @@
+"""Randomized Sharpness-Aware Training (RST) and its generalization G-RST.
+
+Each step flips a biased coin: with probability p(t) the gradient goes through
+a sharpness-aware (SAM) branch that evaluates the gradient a second time at
+perturbed parameters; otherwise it goes to the base optimizer as it is.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rst_optax import _coin
+
+GradFn = Callable[[optax.Params], optax.Updates]
+
+
+class RSTState(NamedTuple):
+  """State of the transformation returned by :func:`rst`.
+
+  Attributes:
+    count: int32 scalar, the number of ``update`` calls so far; it is the step
+      ``t`` at which the schedules are evaluated and the coin is drawn.
+    key: the PRNG key of the coin as raw ``uint32`` key data (see
+      ``jax.random.key_data``), so the state is a plain array pytree that
+      ``jax.jit``, ``optax.tree`` helpers and checkpointers handle. It never
+      changes: the draw at step ``t`` folds ``t`` into it.
+    sam_steps: int32 scalar, the number of SAM steps taken so far. A run has
+      cost ``count + sam_steps`` forward-backward passes.
+    base_state: the state of the base optimizer.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  sam_steps: jax.Array
+  base_state: optax.OptState
+
+
+def _is_tracer(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _check_number(
+    name: str, value: Any, *, allow_callable: bool, low: float | None = None,
+    high: float | None = None, low_open: bool = False,
+) -> None:
+  """Raises a ValueError naming ``name`` unless ``value`` is an allowed number.
+
+  Tracers (for example hyperparameters injected by
+  ``optax.inject_hyperparams`` under ``jax.jit``) cannot be checked and pass.
+  """
+  if allow_callable and callable(value):
+    return
+  if _is_tracer(value):
+    return
+  allowed = 'a finite number'
+  if low is not None and high is not None:
+    allowed = f'a number in [{low}, {high}]'
+  elif low is not None:
+    allowed = f'a finite number {">" if low_open else ">="} {low}'
+  if allow_callable:
+    allowed += ' or a schedule (a callable of the step count)'
+  try:
+    if isinstance(value, bool) or np.ndim(value) != 0:
+      raise TypeError
+    x = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f'rst: `{name}` must be {allowed}; got {value!r}.'
+    ) from None
+  bad = not math.isfinite(x)
+  bad |= low is not None and (x <= low if low_open else x < low)
+  bad |= high is not None and x > high
+  if bad:
+    raise ValueError(f'rst: `{name}` must be {allowed}; got {x}.')
+
+
+def _check_seed(seed: Any) -> None:
+  if _is_tracer(seed):
+    return
+  if isinstance(seed, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.ndim == 0:
+      return
+    if seed.dtype == np.uint32 and seed.ndim == 1:
+      return
+    if jnp.issubdtype(seed.dtype, jnp.integer) and seed.ndim == 0:
+      return
+  elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    return
+  raise TypeError(
+      '`seed` must be an int or a JAX PRNG key (jax.random.key(...) or '
+      f'jax.random.PRNGKey(...)); got {seed!r}.'
+  )
+
+
+def rst(
+    base_tx: optax.GradientTransformation,
+    schedule: _coin.ScalarOrSchedule = 0.5,
+    rho: _coin.ScalarOrSchedule = 0.05,
+    lam: _coin.ScalarOrSchedule = 1.0,
+    *,
+    seed: _coin.Seed = 0,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Randomized Sharpness-Aware Training (RST, and G-RST with ``lam``).
+
+  At step :math:`t`, with :math:`g = \nabla L_B(w)` the incoming updates, draw
+  :math:`X_t \sim \mathrm{Bernoulli}(p(t))` and feed the base optimizer
+
+  .. math::
+
+    d_t = \begin{cases}
+      (1 - \lambda_t)\, g + \lambda_t\, \nabla L_B(w + \epsilon_t)
+        & X_t = 1 \text{ (SAM branch)}\\
+      g & X_t = 0 \text{ (base branch)}
+    \end{cases}
+    \qquad
+    \epsilon_t = \rho_t \frac{g}{\|g\|_2 + \varepsilon}.
+
+  With ``adaptive=True`` (ASAM) the perturbation is
+  :math:`\epsilon_t = \rho_t\, |w|^2 g / (\| |w| g \|_2 + \varepsilon)`.
+  ``lam = 1`` is plain RST; ``schedule = 1, lam = 1`` is SAM. Conditioned on
+  :math:`w`, the expected direction is
+  :math:`(1 - p\lambda)\, g + p\lambda\, \nabla L_B(w + \epsilon)`: a gradient-norm
+  penalty of weight :math:`p\lambda` times SAM's, which
+  :func:`rst_optax.schedules.matching_lam` sets to any target.
+
+  The coin is ``jax.random.bernoulli(jax.random.fold_in(key, t), p(t))``, a pure
+  function of ``(seed, t)`` shared with :func:`rst_optax.decisions`. The branch
+  is picked with ``jax.lax.cond``, so a jitted train step compiles once and runs
+  the second gradient only on SAM steps. When ``schedule`` is the Python number
+  ``0`` or ``1`` the decision is known when tracing and no ``cond`` is traced.
+
+  ``update`` takes, besides the usual arguments:
+
+  - ``grad_fn`` (required): ``grad_fn(params) -> grads``, the minibatch gradient
+    at other parameters, closing over the same batch. With BatchNorm, let it
+    discard the statistics of the perturbed pass and keep those of your first.
+  - ``take_sam`` (optional): a Python bool fixes the branch when tracing (no
+    ``cond``; for host-side dispatch with :func:`rst_optax.decisions`), a
+    boolean array overrides the coin inside the ``cond``. Either way the caller
+    is responsible for it matching the coin if the run must be reproducible.
+  - any other keyword arguments are forwarded to ``base_tx.update``.
+
+  Args:
+    base_tx: the base optimizer, any ``optax.GradientTransformation``; it
+      receives :math:`d_t` and the extra keyword arguments.
+    schedule: p(t), the probability of a SAM step: a float or an
+      ``optax.Schedule``; values are clipped to [0, 1].
+    rho: perturbation radius :math:`\rho`, ``>= 0``; a float or a schedule.
+    lam: G-RST mixing weight :math:`\lambda`; a float or a schedule.
+    seed: an int or a JAX PRNG key for the coin.
+    adaptive: use the ASAM perturbation (element-wise scaled by :math:`|w|`).
+    eps: :math:`\varepsilon > 0` in the normalization; keeps a zero gradient
+      finite.
+    axis_name: when the train step runs under ``shard_map``/``pmap`` with
+      per-device gradients, the mapped axis over which the SAM gradient is
+      averaged with ``jax.lax.pmean`` (average your first gradient the same
+      way before calling ``update``). ``None`` (default) for ``jax.jit`` with
+      shardings, where gradients are already global.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, rst_optax
+    >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
+    >>> tx = rst_optax.rst(optax.sgd(0.1), schedule=0.5, rho=0.05, seed=0)
+    >>> w = jnp.zeros(3)
+    >>> state = tx.init(w)
+    >>> for _ in range(3):
+    ...   g = jax.grad(loss)(w)
+    ...   u, state = tx.update(g, state, w, grad_fn=jax.grad(loss))
+    ...   w = optax.apply_updates(w, u)
+    >>> int(state.count), int(state.count + state.sam_steps) >= 3
+    (3, True)
+
+  References:
+    Zhao, Zhang & Hu, `Randomized Sharpness-Aware Training for Boosting
+    Computational Efficiency in Deep Learning
+    <https://arxiv.org/abs/2203.09962>`_, 2022.
+
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, 2021.
+
+    Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks
+    <https://arxiv.org/abs/2102.11600>`_, 2021.
+  """
+  if not (callable(getattr(base_tx, 'init', None))
+          and callable(getattr(base_tx, 'update', None))):
+    raise TypeError(
+        '`base_tx` must be an optax.GradientTransformation (with callable '
+        f'`init` and `update`); got {base_tx!r}.'
+    )
+  _check_number('schedule', schedule, allow_callable=True, low=0.0, high=1.0)
+  _check_number('rho', rho, allow_callable=True, low=0.0)
+  _check_number('lam', lam, allow_callable=True)
+  _check_number('eps', eps, allow_callable=False, low=0.0, low_open=True)
+  _check_seed(seed)
+  if not isinstance(adaptive, (bool, np.bool_)):
+    raise TypeError(f'`adaptive` must be a bool; got {adaptive!r}.')
+  if axis_name is not None and not isinstance(axis_name, str):
+    raise TypeError(f'`axis_name` must be a str or None; got {axis_name!r}.')
+
+  base_tx = optax.with_extra_args_support(base_tx)
+  key_impl = (jax.random.key_impl(seed) if _coin.is_typed_key(seed) else None)
+  rho_fn = _coin.as_schedule(rho)
+  lam_fn = _coin.as_schedule(lam)
+  plain_rst = _coin.is_python_constant(lam, 1.0)
+  if _coin.is_python_constant(schedule, 0.0):
+    fixed_branch: bool | None = False
+  elif _coin.is_python_constant(schedule, 1.0):
+    fixed_branch = True
+  else:
+    fixed_branch = None
+
+  def init_fn(params: optax.Params) -> RSTState:
+    return RSTState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.key_data(_coin.as_key(seed)),
+        sam_steps=jnp.zeros([], jnp.int32),
+        base_state=base_tx.init(params),
+    )
+
+  def sam_direction(g, params, grad_fn, count):
+    rho_t = jnp.asarray(rho_fn(count), jnp.float32)
+    step = optax.tree.cast(g, jnp.float32)
+    if adaptive:
+      abs_w = jax.tree.map(lambda w: jnp.abs(w).astype(jnp.float32), params)
+      step = optax.tree.mul(step, abs_w)  # |w| g, whose norm normalizes.
+      scale = rho_t / (optax.tree.norm(step) + eps)
+      step = optax.tree.mul(step, abs_w)  # |w|^2 g
+    else:
+      scale = rho_t / (optax.tree.norm(step) + eps)
+    perturbed = jax.tree.map(
+        lambda w, e: (w.astype(jnp.float32) + scale * e).astype(w.dtype),
+        params, step)
+    g_sam = grad_fn(perturbed)
+    if axis_name is not None:
+      g_sam = jax.lax.pmean(g_sam, axis_name)
+    if plain_rst:
+      return optax.tree.cast_like(g_sam, g)
+    lam_t = jnp.asarray(lam_fn(count), jnp.float32)
+    return jax.tree.map(
+        lambda a, b: ((1.0 - lam_t) * a + lam_t * b).astype(a.dtype), g, g_sam)
+
+  def update_fn(
+      updates: optax.Updates,
+      state: RSTState,
+      params: optax.Params | None = None,
+      *,
+      grad_fn: GradFn | None = None,
+      take_sam: bool | jax.Array | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, RSTState]:
+    if params is None:
+      raise ValueError('rst: `update` needs `params` (the current parameters).')
+    if grad_fn is None:
+      raise ValueError(
+          'rst: `update` needs `grad_fn`, the minibatch gradient as a function '
+          'of the parameters, e.g. tx.update(grads, state, params, '
+          'grad_fn=jax.grad(lambda p: loss(p, batch))).'
+      )
+    count = state.count
+    if take_sam is None:
+      take_sam = fixed_branch
+    if take_sam is None:
+      key = jax.random.wrap_key_data(state.key, impl=key_impl)
+      take_sam = _coin.coin(key, count, schedule)
+    if isinstance(take_sam, (bool, np.bool_)):
+      direction = (sam_direction(updates, params, grad_fn, count)
+                   if take_sam else updates)
+      took = jnp.asarray(bool(take_sam), jnp.int32)
+    else:
+      take_sam = jnp.asarray(take_sam, bool)
+      direction = jax.lax.cond(
+          take_sam,
+          lambda g: sam_direction(g, params, grad_fn, count),
+          lambda g: g,
+          updates,
+      )
+      took = take_sam.astype(jnp.int32)
+    new_updates, base_state = base_tx.update(
+        direction, state.base_state, params, **extra_args)
+    return new_updates, RSTState(
+        count=optax.safe_increment(count),
+        key=state.key,
+        sam_steps=jnp.where(took > 0, optax.safe_increment(state.sam_steps),
+                            state.sam_steps),
+        base_state=base_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,227 @@
+"""Scheduling functions p(t) for RST: the probability of a SAM step at step t.
+
+Each family returns an ``optax.Schedule`` (a callable of the step count), so
+they mix freely with Optax's own schedules, and any Optax schedule can serve
+as p(t). :func:`mean_probability` gives a run's expected extra cost and
+:func:`matching_lam` the G-RST weight that matches SAM's regularization.
+
+References:
+  Zhao, Zhang & Hu, `Randomized Sharpness-Aware Training for Boosting
+  Computational Efficiency in Deep Learning
+  <https://arxiv.org/abs/2203.09962>`_, 2022.
+"""
+
+import math
+from numbers import Integral, Real
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rst_optax import _coin
+
+__all__ = [
+    'constant',
+    'linear',
+    'matching_lam',
+    'mean_probability',
+    'piecewise',
+    'trigonometric',
+]
+
+
+def _probability_arg(fn: str, name: str, value: object) -> float:
+  is_number = isinstance(value, Real) and not isinstance(value, bool)
+  if is_number and math.isfinite(value) and 0.0 <= value <= 1.0:
+    return float(value)
+  raise ValueError(f'{fn}: `{name}` must be a probability in [0, 1]; '
+                   f'got {value!r}.')
+
+
+def _steps_arg(fn: str, name: str, value: object, minimum: int) -> int:
+  if isinstance(value, Integral) and not isinstance(value, bool) and value >= minimum:
+    return int(value)
+  raise ValueError(f'{fn}: `{name}` must be an int >= {minimum}; '
+                   f'got {value!r}.')
+
+
+def constant(p: float) -> optax.Schedule:
+  r"""A SAM step with the same probability at every step: :math:`p(t) = p`.
+
+  Args:
+    p: the probability, in [0, 1].
+
+  Returns:
+    An ``optax.Schedule``.
+
+  Example:
+    >>> from rst_optax import schedules
+    >>> float(schedules.constant(0.3)(10))
+    0.3...
+  """
+  return optax.constant_schedule(_probability_arg('constant', 'p', p))
+
+
+def piecewise(p_before: float, p_after: float, boundary: int) -> optax.Schedule:
+  r"""Two levels: :math:`p(t) = p_\text{before}` for :math:`t < b`, then
+  :math:`p_\text{after}`.
+
+  ``piecewise(0, 1, b)`` is "SGD then SAM", ``piecewise(1, 0, b)`` "SAM then
+  SGD", ``piecewise(P, 1 - P, T // 2)`` the paper's two-level schedule.
+
+  Args:
+    p_before: probability for steps ``t < boundary``, in [0, 1].
+    p_after: probability from step ``boundary`` on, in [0, 1].
+    boundary: the first step of the second level, ``>= 0``.
+
+  Returns:
+    An ``optax.Schedule``.
+
+  Example:
+    >>> from rst_optax import schedules
+    >>> s = schedules.piecewise(0.0, 1.0, boundary=100)
+    >>> float(s(99)), float(s(100))
+    (0.0, 1.0)
+  """
+  before = _probability_arg('piecewise', 'p_before', p_before)
+  after = _probability_arg('piecewise', 'p_after', p_after)
+  boundary = _steps_arg('piecewise', 'boundary', boundary, 0)
+  return optax.join_schedules(
+      [optax.constant_schedule(before), optax.constant_schedule(after)],
+      [boundary],
+  )
+
+
+def linear(p_start: float, p_end: float, total_steps: int) -> optax.Schedule:
+  r"""A straight line from ``p_start`` at step 0 to ``p_end`` at ``total_steps``.
+
+  .. math:: p(t) = p_\text{start} + (p_\text{end} - p_\text{start})
+     \min(t / T, 1).
+
+  The paper's "linear increasing" schedule of mean :math:`P` is
+  ``linear(max(0, 2P - 1), min(1, 2P), T)``.
+
+  Args:
+    p_start: probability at step 0, in [0, 1].
+    p_end: probability at ``total_steps`` and after, in [0, 1].
+    total_steps: :math:`T`, ``>= 1``.
+
+  Returns:
+    An ``optax.Schedule``.
+
+  Example:
+    >>> from rst_optax import schedules
+    >>> float(schedules.linear(0.0, 1.0, total_steps=10)(5))
+    0.5
+  """
+  return optax.linear_schedule(
+      _probability_arg('linear', 'p_start', p_start),
+      _probability_arg('linear', 'p_end', p_end),
+      _steps_arg('linear', 'total_steps', total_steps, 1),
+  )
+
+
+def trigonometric(
+    p_start: float, p_end: float, total_steps: int
+) -> optax.Schedule:
+  r"""A half cosine wave from ``p_start`` at step 0 to ``p_end`` at ``total_steps``.
+
+  .. math:: p(t) = p_\text{end} + (p_\text{start} - p_\text{end})
+     \tfrac{1}{2}\bigl(1 + \cos(\pi \min(t / T, 1))\bigr).
+
+  It stays near ``p_start`` early and near ``p_end`` late, with mean
+  :math:`(p_\text{start} + p_\text{end}) / 2`; ``p_start < p_end`` gives a
+  rising (sine-shaped) schedule, ``p_start > p_end`` a falling one.
+
+  Args:
+    p_start: probability at step 0, in [0, 1].
+    p_end: probability at ``total_steps`` and after, in [0, 1].
+    total_steps: :math:`T`, ``>= 1``.
+
+  Returns:
+    An ``optax.Schedule``.
+
+  Example:
+    >>> from rst_optax import schedules
+    >>> s = schedules.trigonometric(0.0, 1.0, total_steps=100)
+    >>> float(s(0)), float(s(50)), float(s(100))
+    (0.0, 0.5, 1.0)
+  """
+  start = _probability_arg('trigonometric', 'p_start', p_start)
+  end = _probability_arg('trigonometric', 'p_end', p_end)
+  total = _steps_arg('trigonometric', 'total_steps', total_steps, 1)
+
+  def schedule(count):
+    frac = jnp.minimum(jnp.asarray(count, jnp.float32) / total, 1.0)
+    return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+  return schedule
+
+
+def mean_probability(
+    schedule: _coin.ScalarOrSchedule, total_steps: int
+) -> float:
+  r"""Mean SAM probability over steps ``[0, total_steps)``: the expected extra cost.
+
+  .. math:: \bar p = \frac{1}{T} \sum_{t=0}^{T-1} \operatorname{clip}(p(t), 0, 1).
+
+  A run of :math:`T` steps costs :math:`T (1 + \bar p)` forward-backward passes
+  on average (SAM: :math:`2T`).
+
+  Args:
+    schedule: a float or an ``optax.Schedule``, as given to
+      :func:`rst_optax.rst`.
+    total_steps: :math:`T`, ``>= 1``.
+
+  Returns:
+    :math:`\bar p` as a Python float.
+
+  Example:
+    >>> from rst_optax import schedules
+    >>> round(schedules.mean_probability(schedules.linear(0., 1., 1000), 1000), 4)
+    0.4995
+  """
+  total = _steps_arg('mean_probability', 'total_steps', total_steps, 1)
+  steps = jnp.arange(total, dtype=jnp.int32)
+  probs = jax.vmap(lambda t: _coin.probability(schedule, t))(steps)
+  return float(np.mean(np.asarray(probs, dtype=np.float64)))
+
+
+def matching_lam(
+    schedule: _coin.ScalarOrSchedule, total_steps: int, target: float = 1.0
+) -> float:
+  r"""The G-RST weight :math:`\lambda` that matches ``target`` times SAM's strength.
+
+  In expectation over the coin, G-RST penalizes sharpness with weight
+  :math:`\bar p \lambda` relative to SAM, so
+
+  .. math:: \lambda = \text{target} / \bar p.
+
+  For example ``lam = 2`` at :math:`\bar p = 0.5`.
+
+  Args:
+    schedule: a float or an ``optax.Schedule``.
+    total_steps: the run's length :math:`T`, ``>= 1``.
+    target: the wanted expected weight relative to SAM, a finite number > 0.
+
+  Returns:
+    :math:`\lambda` as a Python float.
+
+  Raises:
+    ValueError: if the schedule's mean probability is 0 (no SAM step at all).
+
+  Example:
+    >>> from rst_optax import schedules
+    >>> schedules.matching_lam(0.5, total_steps=100)
+    2.0
+  """
+  if not (isinstance(target, Real) and math.isfinite(target) and target > 0):
+    raise ValueError(
+        f'matching_lam: `target` must be a finite number > 0; got {target!r}.')
+  mean_p = mean_probability(schedule, total_steps)
+  if mean_p <= 0.0:
+    raise ValueError(
+        'matching_lam: the schedule never takes a SAM step over '
+        f'total_steps={total_steps} (mean probability 0); no lam can match.')
+  return float(target) / mean_p

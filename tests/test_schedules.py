@@ -1,0 +1,99 @@
+"""The schedule families, mean_probability and matching_lam."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rst_optax
+from rst_optax import schedules
+
+
+def values(schedule, steps):
+  return np.asarray(jax.vmap(schedule)(jnp.arange(steps, dtype=jnp.int32)))
+
+
+def test_constant():
+  np.testing.assert_allclose(values(schedules.constant(0.3), 5), 0.3)
+
+
+def test_piecewise_switches_at_the_boundary():
+  v = values(schedules.piecewise(0.0, 1.0, boundary=30), 100)
+  np.testing.assert_array_equal(v[:30], 0.0)
+  np.testing.assert_array_equal(v[30:], 1.0)
+  # SAM-then-SGD and the two-level schedule of mean 0.5.
+  assert schedules.mean_probability(schedules.piecewise(1.0, 0.0, 30), 100) == (
+      pytest.approx(0.3))
+  assert schedules.mean_probability(schedules.piecewise(0.2, 0.8, 50), 100) == (
+      pytest.approx(0.5))
+
+
+def test_linear_ramps_then_holds():
+  v = values(schedules.linear(0.2, 0.8, total_steps=60), 100)
+  np.testing.assert_allclose(v[:61], 0.2 + 0.6 * np.arange(61) / 60, atol=1e-6)
+  np.testing.assert_allclose(v[60:], 0.8, atol=1e-7)
+
+
+def test_trigonometric_is_a_half_cosine():
+  total = 80
+  v = values(schedules.trigonometric(0.9, 0.1, total_steps=total), 100)
+  t = np.minimum(np.arange(100) / total, 1.0)
+  np.testing.assert_allclose(v, 0.1 + 0.8 * 0.5 * (1 + np.cos(np.pi * t)),
+                             atol=1e-6)
+  assert v[0] == pytest.approx(0.9) and v[-1] == pytest.approx(0.1)
+  assert schedules.mean_probability(
+      schedules.trigonometric(0.0, 1.0, 1000), 1000) == pytest.approx(
+          0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize('p', [0.1, 0.37, 0.9])
+def test_paper_linear_increasing_schedule_has_mean_p(p):
+  total = 1000
+  s = schedules.linear(max(0.0, 2 * p - 1), min(1.0, 2 * p), total)
+  assert schedules.mean_probability(s, total) == pytest.approx(p, abs=2e-3)
+
+
+def test_mean_probability_clips_like_the_coin():
+  assert schedules.mean_probability(lambda t: 1.5, 10) == 1.0
+  assert schedules.mean_probability(lambda t: -2.0, 10) == 0.0
+  assert schedules.mean_probability(0.25, 10) == pytest.approx(0.25)
+  # Optax's own schedules work as p(t).
+  s = optax.cosine_decay_schedule(1.0, decay_steps=100)
+  np.testing.assert_allclose(schedules.mean_probability(s, 100),
+                             values(s, 100).mean(), rtol=1e-6)
+
+
+def test_matching_lam():
+  assert schedules.matching_lam(0.5, 100) == pytest.approx(2.0)
+  assert schedules.matching_lam(0.25, 100, target=0.5) == pytest.approx(2.0)
+  s = schedules.linear(0.0, 1.0, 1000)
+  lam = schedules.matching_lam(s, 1000)
+  assert lam * schedules.mean_probability(s, 1000) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match='mean probability 0'):
+    schedules.matching_lam(0.0, 100)
+  with pytest.raises(ValueError, match='`target`'):
+    schedules.matching_lam(0.5, 100, target=0.0)
+
+
+def test_schedules_drive_rst():
+  s = schedules.piecewise(0.0, 1.0, boundary=10)
+  took = rst_optax.decisions(s, 0, 0, 20)
+  assert not took[:10].any() and took[10:].all()
+
+
+@pytest.mark.parametrize('make, name', [
+    (lambda: schedules.constant(1.2), '`p`'),
+    (lambda: schedules.constant(float('nan')), '`p`'),
+    (lambda: schedules.piecewise(0.1, -0.1, 5), '`p_after`'),
+    (lambda: schedules.piecewise(0.1, 0.2, -5), '`boundary`'),
+    (lambda: schedules.piecewise(0.1, 0.2, 2.5), '`boundary`'),
+    (lambda: schedules.linear(2.0, 0.5, 10), '`p_start`'),
+    (lambda: schedules.linear(0.0, 0.5, 0), '`total_steps`'),
+    (lambda: schedules.trigonometric(0.0, 1.5, 10), '`p_end`'),
+    (lambda: schedules.trigonometric(0.0, 1.0, True), '`total_steps`'),
+    (lambda: schedules.mean_probability(0.5, 0), '`total_steps`'),
+])
+def test_bad_schedule_arguments(make, name):
+  with pytest.raises(ValueError, match=name):
+    make()

@@ -5,6 +5,7 @@ Both the in-graph branch of :func:`rst_optax.rst` and the host-side
 host takes exactly the branches the transformation would have taken.
 """
 
+import functools
 from collections.abc import Callable
 from numbers import Real
 
@@ -108,7 +109,16 @@ def decisions(
     )
   if stop > np.iinfo(np.int32).max:
     raise ValueError(f'decisions: stop={stop} does not fit the int32 step count.')
-  key = as_key(seed)
   steps = jnp.arange(start, stop, dtype=jnp.int32)
-  draw = jax.jit(jax.vmap(lambda t: coin(key, t, schedule)))
-  return np.asarray(draw(steps), dtype=bool)
+  try:
+    draw = _vectorized_coin(schedule)
+  except TypeError:  # an unhashable schedule (e.g. an array): no caching.
+    draw = _vectorized_coin.__wrapped__(schedule)
+  return np.asarray(draw(as_key(seed), steps), dtype=bool)
+
+
+@functools.lru_cache(maxsize=64)
+def _vectorized_coin(schedule: ScalarOrSchedule):
+  """`coin` over a vector of steps, jitted once per schedule (and length)."""
+  return jax.jit(jax.vmap(lambda key, t: coin(key, t, schedule),
+                          in_axes=(None, 0)))

@@ -2,14 +2,18 @@
 
 from rst_optax import schedules
 from rst_optax._coin import coin, decisions
+from rst_optax._dispatch import HostDispatch, iter_decisions, recommended_dispatch
 from rst_optax._rst import RSTState, rst
 
 __version__ = '0.1.0'
 
 __all__ = [
+    'HostDispatch',
     'RSTState',
     'coin',
     'decisions',
+    'iter_decisions',
+    'recommended_dispatch',
     'rst',
     'schedules',
 ]

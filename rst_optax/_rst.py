@@ -44,6 +44,30 @@ def _is_tracer(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+def _mark_varying(tree: optax.Params, axis_name: str) -> optax.Params:
+  """Marks ``tree`` as varying over ``axis_name`` where it is not already.
+
+  Under ``jax.shard_map`` with ``check_vma=True``, ``jax.grad`` at parameters
+  that are the same on every device returns their gradient already summed
+  over the axis; at varying parameters it returns this device's gradient.
+  Under ``pmap`` or ``check_vma=False`` this is a no-op.
+  """
+  if hasattr(jax.lax, 'pcast'):
+    cast = lambda x: jax.lax.pcast(x, axis_name, to='varying')
+  elif hasattr(jax.lax, 'pvary'):  # JAX < 0.8
+    cast = lambda x: jax.lax.pvary(x, axis_name)
+  else:
+    return tree
+
+  def mark(x):
+    try:
+      return cast(x)
+    except ValueError:  # already varying over axis_name
+      return x
+
+  return jax.tree.map(mark, tree)
+
+
 def _check_number(
     name: str, value: Any, *, allow_callable: bool, low: float | None = None,
     high: float | None = None, low_open: bool = False,
@@ -107,6 +131,7 @@ def rst(
     adaptive: bool = False,
     eps: float = 1e-12,
     axis_name: str | None = None,
+    perturbation: str = 'global',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Randomized Sharpness-Aware Training (RST, and G-RST with ``lam``).
 
@@ -148,6 +173,18 @@ def rst(
     is responsible for it matching the coin if the run must be reproducible.
   - any other keyword arguments are forwarded to ``base_tx.update``.
 
+  Numerical faults lose nothing silently. If :math:`g` has a NaN or Inf entry,
+  the SAM branch feeds :math:`g` itself to the base optimizer (its perturbation
+  would be NaN everywhere), so the updates are non-finite exactly where the
+  base optimizer's alone would be; ``grad_fn`` still runs on that step and
+  ``sam_steps`` still counts it. A NaN or Inf in ``grad_fn``'s output is never
+  masked: it reaches the updates. Wrap the *base* optimizer,
+  ``rst(optax.apply_if_finite(base_tx, n), ...)``, to skip such a step: the
+  base state and parameters are left as they were while ``count`` and
+  ``sam_steps`` advance, so the coin stays aligned with the step index. Under
+  ``jax.vmap`` with a per-example coin (batched state), ``jax.lax.cond``
+  becomes a select: both branches run on every step, results are unchanged.
+
   Args:
     base_tx: the base optimizer, any ``optax.GradientTransformation``; it
       receives :math:`d_t` and the extra keyword arguments.
@@ -162,8 +199,22 @@ def rst(
     axis_name: when the train step runs under ``shard_map``/``pmap`` with
       per-device gradients, the mapped axis over which the SAM gradient is
       averaged with ``jax.lax.pmean`` (average your first gradient the same
-      way before calling ``update``). ``None`` (default) for ``jax.jit`` with
-      shardings, where gradients are already global.
+      way before calling ``update``). ``grad_fn`` then returns this device's
+      gradient on its shard of the batch: it is called on parameters marked
+      varying over the axis, so that ``jax.grad`` under ``shard_map`` with
+      ``check_vma=True`` does not sum it over devices (take your first
+      gradient at ``jax.lax.pcast(params, axis_name, to='varying')`` for the
+      same reason). ``None`` (default) for ``jax.jit`` with shardings, where
+      gradients are already global.
+    perturbation: with ``axis_name``, where the SAM perturbation comes from.
+      ``'global'`` (default): from ``updates``, which must already be the
+      gradient averaged over ``axis_name``, so every device perturbs alike and
+      the step equals a single-device step on the whole batch. ``'local'``
+      (m-sharpness, as in Foret et al.): ``updates`` is each device's own
+      gradient; each device perturbs with it and evaluates ``grad_fn`` on its
+      shard, and both gradients are averaged over ``axis_name`` by the
+      transformation (the base branch and the base optimizer see the average).
+      ``'local'`` needs ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`.
@@ -208,6 +259,14 @@ def rst(
     raise TypeError(f'`adaptive` must be a bool; got {adaptive!r}.')
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f'`axis_name` must be a str or None; got {axis_name!r}.')
+  if perturbation not in ('global', 'local'):
+    raise ValueError(
+        f"`perturbation` must be 'global' or 'local'; got {perturbation!r}.")
+  if perturbation == 'local' and axis_name is None:
+    raise ValueError(
+        "`perturbation='local'` (per-device, m-sharpness) needs `axis_name`, "
+        'the mapped axis of shard_map/pmap over which gradients are averaged.')
+  local = perturbation == 'local'
 
   base_tx = optax.with_extra_args_support(base_tx)
   key_impl = (jax.random.key_impl(seed) if _coin.is_typed_key(seed) else None)
@@ -229,9 +288,15 @@ def rst(
         base_state=base_tx.init(params),
     )
 
-  def sam_direction(g, params, grad_fn, count):
+  def sam_direction(g, g_local, params, grad_fn, count):
+    direction = mixed_direction(g, g_local, params, grad_fn, count)
+    finite = jnp.all(jnp.array(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)]))
+    return optax.tree.where(finite, direction, g)
+
+  def mixed_direction(g, g_local, params, grad_fn, count):
     rho_t = jnp.asarray(rho_fn(count), jnp.float32)
-    step = optax.tree.cast(g, jnp.float32)
+    step = optax.tree.cast(g_local, jnp.float32)
     if adaptive:
       abs_w = jax.tree.map(lambda w: jnp.abs(w).astype(jnp.float32), params)
       step = optax.tree.mul(step, abs_w)  # |w| g, whose norm normalizes.
@@ -242,9 +307,11 @@ def rst(
     perturbed = jax.tree.map(
         lambda w, e: (w.astype(jnp.float32) + scale * e).astype(w.dtype),
         params, step)
-    g_sam = grad_fn(perturbed)
     if axis_name is not None:
-      g_sam = jax.lax.pmean(g_sam, axis_name)
+      perturbed = _mark_varying(perturbed, axis_name)
+      g_sam = jax.lax.pmean(grad_fn(perturbed), axis_name)
+    else:
+      g_sam = grad_fn(perturbed)
     if plain_rst:
       return optax.tree.cast_like(g_sam, g)
     lam_t = jnp.asarray(lam_fn(count), jnp.float32)
@@ -269,22 +336,26 @@ def rst(
           'grad_fn=jax.grad(lambda p: loss(p, batch))).'
       )
     count = state.count
+    local_updates = updates
+    if local:
+      updates = jax.lax.pmean(updates, axis_name)
     if take_sam is None:
       take_sam = fixed_branch
     if take_sam is None:
       key = jax.random.wrap_key_data(state.key, impl=key_impl)
       take_sam = _coin.coin(key, count, schedule)
     if isinstance(take_sam, (bool, np.bool_)):
-      direction = (sam_direction(updates, params, grad_fn, count)
-                   if take_sam else updates)
+      direction = (
+          sam_direction(updates, local_updates, params, grad_fn, count)
+          if take_sam else updates)
       took = jnp.asarray(bool(take_sam), jnp.int32)
     else:
       take_sam = jnp.asarray(take_sam, bool)
       direction = jax.lax.cond(
           take_sam,
-          lambda g: sam_direction(g, params, grad_fn, count),
-          lambda g: g,
-          updates,
+          lambda g, g_local: sam_direction(g, g_local, params, grad_fn, count),
+          lambda g, g_local: g,
+          updates, local_updates,
       )
       took = take_sam.astype(jnp.int32)
     new_updates, base_state = base_tx.update(

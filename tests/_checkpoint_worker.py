@@ -1,0 +1,84 @@
+"""Resumes an RST run from an Orbax checkpoint, in a fresh process.
+
+Run by tests/test_checkpoint.py:
+
+  python tests/_checkpoint_worker.py CKPT_DIR OUT.npz
+
+For each dispatch mode (``'cond'``: the coin drawn in the graph; ``'host'``:
+:class:`rst_optax.HostDispatch`), it restores ``CKPT_DIR/<mode>`` (parameters
+and the whole optimizer state, PRNG key included), trains on to ``STEPS`` and
+saves the final parameters and state leaves as ``<mode>/<i>``.
+"""
+
+import sys
+
+import _dist_problem as prob
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import rst_optax
+
+STEPS = 16
+HALF = 7
+MODES = ('cond', 'host')
+SCHEDULE = rst_optax.schedules.linear(0.2, 0.9, STEPS)
+
+
+def make_tx():
+  return rst_optax.rst(optax.sgd(0.1, momentum=0.9), schedule=SCHEDULE,
+                       rho=prob.RHO, lam=prob.LAM, seed=prob.SEED)
+
+
+def make_trainer(tx, mode, start):
+  """A ``step(params, state, t)`` that runs training step ``t``."""
+  x, y = prob.make_data(STEPS)
+
+  def train_step(params, state, xb, yb, take_sam=None):
+    return prob.global_step(tx, params, state, xb, yb, take_sam=take_sam)
+
+  if mode == 'cond':
+    jitted = jax.jit(train_step)
+    return lambda params, state, t: jitted(params, state, x[t], y[t])
+  dispatch = rst_optax.HostDispatch(train_step, SCHEDULE, prob.SEED,
+                                    start=start)
+
+  def host_step(params, state, t):
+    assert dispatch.step == t
+    return dispatch(params, state, x[t], y[t])
+
+  host_step.dispatch = dispatch
+  return host_step
+
+
+def checkpoint_tree(params, state):
+  return {'params': params, 'opt_state': state}
+
+
+def flat_leaves(mode, params, state):
+  return {f'{mode}/{i}': np.asarray(leaf) for i, leaf in
+          enumerate(jax.tree.leaves(checkpoint_tree(params, state)))}
+
+
+def main(ckpt_dir, out_path):
+  tx = make_tx()
+  template = checkpoint_tree(prob.make_params(), tx.init(prob.make_params()))
+  results = {}
+  with ocp.StandardCheckpointer() as checkpointer:
+    for mode in MODES:
+      restored = checkpointer.restore(f'{ckpt_dir}/{mode}', template)
+      params, state = restored['params'], restored['opt_state']
+      assert isinstance(state, rst_optax.RSTState), type(state)
+      start = int(state.count)
+      step = make_trainer(tx, mode, start)
+      if mode == 'host':
+        step.dispatch.check_state(state)
+      for t in range(start, STEPS):
+        params, state = step(params, state, t)
+      results.update(flat_leaves(mode, params, state))
+  np.savez(out_path, **results)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1], sys.argv[2])

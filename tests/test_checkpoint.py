@@ -1,0 +1,96 @@
+"""Save RSTState with Orbax mid-run, resume in a fresh process: bit-identical.
+
+The uninterrupted run and the checkpoint at step ``HALF`` happen here; one
+subprocess (tests/_checkpoint_worker.py) restores both dispatch modes' states
+and trains on. Its final parameters and state must equal, bit for bit, those
+of the run that never stopped.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import _checkpoint_worker as worker
+import _dist_problem as prob
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import rst_optax
+
+WORKER = pathlib.Path(__file__).with_name('_checkpoint_worker.py')
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Uninterrupted runs in both modes, checkpointed at step HALF; and the
+  subprocess's resumed runs."""
+  tmp = tmp_path_factory.mktemp('checkpoint')
+  tx = worker.make_tx()
+  uninterrupted, saved = {}, {}
+  with ocp.StandardCheckpointer() as checkpointer:
+    for mode in worker.MODES:
+      params = prob.make_params()
+      state = tx.init(params)
+      step = worker.make_trainer(tx, mode, start=0)
+      for t in range(worker.STEPS):
+        if t == worker.HALF:
+          checkpointer.save(tmp / mode, worker.checkpoint_tree(params, state))
+          saved[mode] = state
+        params, state = step(params, state, t)
+      uninterrupted[mode] = worker.flat_leaves(mode, params, state)
+    checkpointer.wait_until_finished()
+  out = tmp / 'resumed.npz'
+  proc = subprocess.run([sys.executable, str(WORKER), str(tmp), str(out)],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  with np.load(out) as resumed:
+    return uninterrupted, saved, dict(resumed)
+
+
+@pytest.mark.parametrize('mode', worker.MODES)
+def test_resumed_run_is_bit_identical_to_uninterrupted(runs, mode):
+  uninterrupted, _, resumed = runs
+  want = uninterrupted[mode]
+  assert sorted(k for k in resumed if k.startswith(f'{mode}/')) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+
+
+def test_checkpoint_is_mid_run_and_both_halves_take_both_branches(runs):
+  """The split is at a step where it matters: decisions on both sides of it
+  include both branches, so a resumed coin that drew differently would
+  change the result."""
+  _, saved, _ = runs
+  decisions = rst_optax.decisions(worker.SCHEDULE, prob.SEED, 0, worker.STEPS)
+  for state in saved.values():
+    assert int(state.count) == worker.HALF
+    assert int(state.sam_steps) == decisions[:worker.HALF].sum()
+  for half in (decisions[:worker.HALF], decisions[worker.HALF:]):
+    assert 0 < half.sum() < len(half)
+
+
+def test_both_modes_end_in_the_same_state(runs):
+  uninterrupted, _, _ = runs
+  cond, host = (list(uninterrupted[mode].values()) for mode in worker.MODES)
+  for a, b in zip(cond, host, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_restored_state_keeps_the_key_and_dtypes(runs, tmp_path):
+  """RSTState round-trips through Orbax as a plain pytree: same structure,
+  dtypes (int32 counters, uint32 key data) and values."""
+  _, saved, _ = runs
+  state = saved['cond']
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'state', state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / 'state', state)
+  assert isinstance(restored, rst_optax.RSTState)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state),
+                  strict=True):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  assert restored.key.dtype == np.uint32

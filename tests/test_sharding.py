@@ -1,0 +1,157 @@
+"""RST on 8 simulated CPU devices equals RST on one device.
+
+The 8-device runs happen in one subprocess (tests/_sharded_worker.py) started
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, since this pytest
+process has already initialized JAX with one device; the single-device
+references run here.
+"""
+
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+
+import _dist_problem as prob
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rst_optax
+
+WORKER = pathlib.Path(__file__).with_name('_sharded_worker.py')
+N_DEVICES = 8
+# Sharded reductions sum in another order than one device: agree to float32
+# rounding, accumulated over STEPS steps of training.
+TOL = {'rtol': 1e-5, 'atol': 1e-6}
+
+
+@pytest.fixture(scope='module')
+def sharded(tmp_path_factory):
+  out = tmp_path_factory.mktemp('sharded') / 'results.npz'
+  flags = os.environ.get('XLA_FLAGS', '')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      f'{flags} --xla_force_host_platform_device_count={N_DEVICES}'))
+  # A collective that hangs (devices in different branches) ends in timeout.
+  proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  with np.load(out) as results:
+    return dict(results)
+
+
+@pytest.fixture(scope='module')
+def single_device():
+  return prob.run_single_device()
+
+
+def params_of(results, name):
+  prefix = f'{name}/params/'
+  return {k[len(prefix):]: v for k, v in results.items()
+          if k.startswith(prefix)}
+
+
+@functools.cache
+def expected_decisions():
+  return rst_optax.decisions(prob.SCHEDULE, prob.SEED, 0, prob.STEPS)
+
+
+def test_reference_run_takes_both_branches(single_device):
+  _, flags = single_device
+  np.testing.assert_array_equal(flags, expected_decisions())
+  assert 0 < flags.sum() < prob.STEPS
+
+
+@pytest.mark.parametrize('name', ['jit_data', 'jit_model'])
+def test_jit_with_named_sharding_equals_one_device(sharded, single_device,
+                                                   name):
+  want_params, want_flags = single_device
+  got = params_of(sharded, name)
+  assert got.keys() == want_params.keys()
+  for key in got:
+    np.testing.assert_allclose(got[key], want_params[key], **TOL, err_msg=key)
+  np.testing.assert_array_equal(sharded[f'{name}/flags'][:, 0], want_flags)
+
+
+def test_jit_runs_shard_as_requested(sharded):
+  """The batch-sharded run keeps parameters whole, the model-sharded run
+  splits them over the 2-device ``model`` axis (so the norm is global)."""
+  shape = lambda name, key: tuple(sharded[f'{name}/shard_shape/{key}'])
+  assert shape('jit_data', 'w1') == (prob.DIM, prob.HIDDEN)
+  assert shape('jit_model', 'w1') == (prob.DIM, prob.HIDDEN // 2)
+  assert shape('jit_model', 'w2') == (prob.HIDDEN // 2, prob.CLASSES)
+
+
+@pytest.mark.parametrize('name', ['smap_global', 'pmap_global'])
+def test_axis_name_global_perturbation_equals_one_device(
+    sharded, single_device, name):
+  if f'{name}/flags' not in sharded:
+    pytest.skip('jax.pmap is not offered by this JAX version')
+  want_params, _ = single_device
+  got = params_of(sharded, name)
+  for key in want_params:
+    np.testing.assert_allclose(got[key], want_params[key], **TOL, err_msg=key)
+
+
+@pytest.mark.parametrize('name', ['smap_global', 'smap_local', 'pmap_global'])
+def test_coin_is_replicated_and_replicas_stay_identical(sharded, name):
+  """Every device draws the coin of (seed, t), never folded with its index,
+  so all take the branch holding the ``pmean`` together (the worker finished:
+  no hang) and their replicas of the parameters stay bit-identical."""
+  if f'{name}/flags' not in sharded:
+    pytest.skip('jax.pmap is not offered by this JAX version')
+  flags = sharded[f'{name}/flags']
+  assert flags.shape == (prob.STEPS, N_DEVICES)
+  for device in range(N_DEVICES):
+    np.testing.assert_array_equal(flags[:, device], expected_decisions())
+  for key in prob.make_params():
+    replicas = sharded[f'{name}/replicas/{key}']
+    assert replicas.shape[0] == N_DEVICES
+    for device in range(1, N_DEVICES):
+      np.testing.assert_array_equal(replicas[device], replicas[0])
+
+
+def m_sharpness_reference():
+  """Per-device perturbation by hand: each shard perturbs with its own
+  gradient and evaluates its own loss there; both gradients are averaged."""
+  x, y = prob.make_data()
+  params = prob.make_params()
+  base = optax.sgd(0.1, momentum=0.9)
+  base_state = base.init(params)
+  per_device = jax.vmap(prob.grad, in_axes=(None, 0, 0))
+
+  @jax.jit
+  def step(params, base_state, xs, ys, take):
+    g_dev = per_device(params, xs, ys)
+    g = jax.tree.map(lambda a: a.mean(0), g_dev)
+
+    def perturbed_grad(g_i, x_i, y_i):
+      scale = prob.RHO / (optax.tree.norm(g_i) + 1e-12)
+      return prob.grad(optax.tree.add_scale(params, scale, g_i), x_i, y_i)
+
+    g_sam = jax.tree.map(lambda a: a.mean(0),
+                         jax.vmap(perturbed_grad)(g_dev, xs, ys))
+    mixed = jax.tree.map(lambda a, b: (1 - prob.LAM) * a + prob.LAM * b,
+                         g, g_sam)
+    direction = optax.tree.where(take, mixed, g)
+    updates, base_state = base.update(direction, base_state, params)
+    return optax.apply_updates(params, updates), base_state
+
+  split = lambda a: a.reshape((N_DEVICES, -1) + a.shape[1:])
+  for t, take in enumerate(expected_decisions()):
+    params, base_state = step(params, base_state, split(x[t]), split(y[t]),
+                              jnp.asarray(take))
+  return params
+
+
+def test_local_perturbation_is_per_device_m_sharpness(sharded,
+                                                      single_device):
+  want = m_sharpness_reference()
+  got = params_of(sharded, 'smap_local')
+  global_params, _ = single_device
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], **TOL, err_msg=key)
+  # And it is a different method from the global perturbation.
+  assert not np.allclose(got['w1'], global_params['w1'], **TOL)

@@ -14,13 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/mnist1d.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest
+
+bench-step-cost: $(STAMP)
+	$(BIN)/python benchmarks/step_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

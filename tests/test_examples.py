@@ -1,0 +1,101 @@
+"""The examples run end to end on tiny data, on CPU."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import rst_optax
+from rst_optax import schedules
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example(name):
+  """Imports examples/<name>.py without putting examples/ on sys.path."""
+  path = os.path.join(ROOT, 'examples', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'example_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_mnist1d_demo_runs_every_method_and_counts_passes(tmp_path, capsys):
+  demo = load_example('mnist1d')
+  out = tmp_path / 'out'
+  result = demo.main([
+      '--seeds', '1', '--epochs', '2', '--num-samples', '500',
+      '--val-size', '100', '--batch-size', '50', '--out', str(out),
+      '--compile-cache', 'none', '--no-progress'])
+
+  steps = 2 * (300 // 50)  # 400 train samples - 100 validation, 2 epochs
+  sam_steps = int(rst_optax.decisions(0.5, 0, 0, steps).sum())
+  assert 0 < sam_steps < steps
+  runs = {r['method']: r for r in result['runs']}
+  assert set(runs) == {'sgd', 'sam', 'rst', 'grst'}
+  assert runs['sgd']['passes'] == steps
+  assert runs['sam']['passes'] == 2 * steps
+  assert runs['rst']['passes'] == runs['grst']['passes'] == steps + sam_steps
+  assert runs['rst']['lam'] == 1.0 and runs['grst']['lam'] == pytest.approx(2.0)
+  assert runs['rst']['dispatch'] == 'host'  # recommended on CPU
+  assert runs['rst']['compilations'] == 2  # one executable per branch
+  assert runs['sam']['compilations'] == runs['sgd']['compilations'] == 1
+  for run in runs.values():
+    assert 0.0 <= run['test_acc'] <= 1.0
+    assert math.isfinite(run['last_batch_loss'])
+    assert len(run['curve']) == 2 and run['curve'][-1][0] == run['passes']
+
+  saved = json.loads((out / 'results.json').read_text())
+  assert set(saved['summary']) == set(runs)
+  assert '| G-RST |' in (out / 'results.md').read_text()
+  assert (out / 'mnist1d.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert '| G-RST |' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('family', ['constant', 'piecewise', 'linear',
+                                    'trigonometric'])
+def test_mnist1d_schedules_have_the_requested_mean(family):
+  demo = load_example('mnist1d')
+  schedule = demo.make_schedule(family, 0.5, total_steps=400)
+  assert schedules.mean_probability(schedule, 400) == pytest.approx(0.5, abs=2e-3)
+
+
+def test_cifar10_resnet_runs_a_few_steps_on_tiny_data(tmp_path):
+  rng = np.random.default_rng(0)
+  data = tmp_path / 'tiny.npz'
+  np.savez(data, x_train=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8),
+           y_train=rng.integers(0, 10, 40),
+           x_test=rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8),
+           y_test=rng.integers(0, 10, 10))
+  steps = 3
+  sam_steps = int(rst_optax.decisions(0.5, 0, 0, steps).sum())
+  assert sam_steps > 0  # the SAM branch runs
+  out = tmp_path / 'out'
+  # A subprocess, to lower XLA's optimization level: ResNet-18's train step
+  # compiles in seconds instead of tens of seconds on 2 CPU cores.
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0 '
+             '--xla_llvm_disable_expensive_passes=true')
+  subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'examples', 'cifar10_resnet.py'),
+       '--data', str(data), '--method', 'grst', '--dispatch', 'cond',
+       '--epochs', '1', '--batch-size', '8', '--width', '4',
+       '--max-steps', str(steps), '--out', str(out), '--no-progress'],
+      env=env, check=True, timeout=300, cwd=ROOT)
+
+  saved = json.loads((out / 'grst_seed0.json').read_text())
+  final = saved['final']
+  assert final['step'] == steps and saved['settings']['total_steps'] == 5
+  assert final['sam_steps'] == sam_steps
+  assert final['passes'] == steps + sam_steps
+  assert math.isfinite(final['loss']) and 0.0 <= final['test_acc'] <= 1.0
+
+
+def test_cifar10_resnet_says_how_to_get_missing_data(tmp_path):
+  example = load_example('cifar10_resnet')
+  with pytest.raises(SystemExit, match='cifar-10-python.tar.gz'):
+    example.main(['--data', str(tmp_path / 'missing')])

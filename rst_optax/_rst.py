@@ -289,21 +289,17 @@ def rst(
     )
 
   def sam_direction(g, g_local, params, grad_fn, count):
-    direction = mixed_direction(g, g_local, params, grad_fn, count)
-    finite = jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)]))
-    return optax.tree.where(finite, direction, g)
-
-  def mixed_direction(g, g_local, params, grad_fn, count):
+    """The SAM-branch direction (G-RST mix), perturbing along ``g_local``."""
     rho_t = jnp.asarray(rho_fn(count), jnp.float32)
     step = optax.tree.cast(g_local, jnp.float32)
     if adaptive:
       abs_w = jax.tree.map(lambda w: jnp.abs(w).astype(jnp.float32), params)
       step = optax.tree.mul(step, abs_w)  # |w| g, whose norm normalizes.
-      scale = rho_t / (optax.tree.norm(step) + eps)
+      norm = optax.tree.norm(step)
       step = optax.tree.mul(step, abs_w)  # |w|^2 g
     else:
-      scale = rho_t / (optax.tree.norm(step) + eps)
+      norm = optax.tree.norm(step)
+    scale = rho_t / (norm + eps)
     perturbed = jax.tree.map(
         lambda w, e: (w.astype(jnp.float32) + scale * e).astype(w.dtype),
         params, step)
@@ -313,10 +309,19 @@ def rst(
     else:
       g_sam = grad_fn(perturbed)
     if plain_rst:
-      return optax.tree.cast_like(g_sam, g)
-    lam_t = jnp.asarray(lam_fn(count), jnp.float32)
-    return jax.tree.map(
-        lambda a, b: ((1.0 - lam_t) * a + lam_t * b).astype(a.dtype), g, g_sam)
+      direction = optax.tree.cast_like(g_sam, g)
+    else:
+      lam_t = jnp.asarray(lam_fn(count), jnp.float32)
+      direction = jax.tree.map(
+          lambda a, b: ((1.0 - lam_t) * a + lam_t * b).astype(a.dtype),
+          g, g_sam)
+    # A NaN or Inf in the gradient makes its norm non-finite and the
+    # perturbation NaN everywhere: hand the base optimizer g itself instead,
+    # non-finite exactly where it is. (With local perturbations, check the
+    # averaged g, the same on every device, as the base branch returns it.)
+    if local:
+      norm = optax.tree.norm(optax.tree.cast(g, jnp.float32))
+    return optax.tree.where(jnp.isfinite(norm), direction, g)
 
   def update_fn(
       updates: optax.Updates,
@@ -348,7 +353,8 @@ def rst(
       direction = (
           sam_direction(updates, local_updates, params, grad_fn, count)
           if take_sam else updates)
-      took = jnp.asarray(bool(take_sam), jnp.int32)
+      sam_steps = (optax.safe_increment(state.sam_steps) if take_sam
+                   else state.sam_steps)
     else:
       take_sam = jnp.asarray(take_sam, bool)
       direction = jax.lax.cond(
@@ -357,14 +363,14 @@ def rst(
           lambda g, g_local: g,
           updates, local_updates,
       )
-      took = take_sam.astype(jnp.int32)
+      sam_steps = jnp.where(take_sam, optax.safe_increment(state.sam_steps),
+                            state.sam_steps)
     new_updates, base_state = base_tx.update(
         direction, state.base_state, params, **extra_args)
     return new_updates, RSTState(
         count=optax.safe_increment(count),
         key=state.key,
-        sam_steps=jnp.where(took > 0, optax.safe_increment(state.sam_steps),
-                            state.sam_steps),
+        sam_steps=sam_steps,
         base_state=base_state,
     )
 

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rst_optax import _checks
+
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 Seed = int | jax.Array
 
@@ -102,13 +104,15 @@ def decisions(
     >>> rst_optax.decisions(0.5, seed=0, start=0, stop=8).shape
     (8,)
   """
-  start, stop = int(start), int(stop)
-  if start < 0 or stop < start:
-    raise ValueError(
-        f'decisions: need 0 <= start <= stop, got start={start}, stop={stop}.'
-    )
+  _checks.number('decisions', 'schedule', schedule, low=0.0, high=1.0,
+                 allow_schedule=True)
+  _checks.seed('decisions', seed)
+  start = _checks.integer('decisions', 'start', start, 0)
+  stop = _checks.integer('decisions', 'stop', stop, start)
   if stop > np.iinfo(np.int32).max:
-    raise ValueError(f'decisions: stop={stop} does not fit the int32 step count.')
+    raise ValueError(
+        f'decisions: `stop` must be <= 2**31 - 1 (the int32 step count); '
+        f'got {stop}.')
   steps = jnp.arange(start, stop, dtype=jnp.int32)
   try:
     draw = _vectorized_coin(schedule)

@@ -10,44 +10,16 @@ convolution gradients inside ``jax.lax.cond`` (jax issue #12868).
 
 import functools
 import inspect
-import math
-import operator
 from collections.abc import Callable, Iterator
-from numbers import Real
 from typing import Any
 
 import jax
 import numpy as np
 
-from rst_optax import _coin
-from rst_optax._rst import RSTState, _check_seed
+from rst_optax import _checks, _coin
+from rst_optax._rst import RSTState
 
 _MAX_STEP = int(np.iinfo(np.int32).max)
-
-
-def _check_schedule(fn: str, schedule: Any) -> None:
-  if callable(schedule):
-    return
-  is_number = isinstance(schedule, Real) and not isinstance(schedule, bool)
-  if is_number and math.isfinite(schedule) and 0.0 <= schedule <= 1.0:
-    return
-  raise ValueError(
-      f'{fn}: `schedule` must be a probability in [0, 1] or a schedule (a '
-      f'callable of the step count), as given to rst_optax.rst; got '
-      f'{schedule!r}.')
-
-
-def _check_int(fn: str, name: str, value: Any, minimum: int) -> int:
-  try:
-    if isinstance(value, bool):
-      raise TypeError
-    value = operator.index(value)
-  except TypeError:
-    raise TypeError(
-        f'{fn}: `{name}` must be an int >= {minimum}; got {value!r}.') from None
-  if value < minimum:
-    raise ValueError(f'{fn}: `{name}` must be an int >= {minimum}; got {value}.')
-  return value
 
 
 def iter_decisions(
@@ -86,10 +58,11 @@ def iter_decisions(
 
 def _decision_stream(fn, schedule, seed, start, chunk_size) -> Iterator[bool]:
   """:func:`iter_decisions`, with errors raised in the name of ``fn``."""
-  _check_schedule(fn, schedule)
-  _check_seed(seed)
-  start = _check_int(fn, 'start', start, 0)
-  chunk_size = _check_int(fn, 'chunk_size', chunk_size, 1)
+  _checks.number(fn, 'schedule', schedule, low=0.0, high=1.0,
+                 allow_schedule=True)
+  _checks.seed(fn, seed)
+  start = _checks.integer(fn, 'start', start, 0)
+  chunk_size = _checks.integer(fn, 'chunk_size', chunk_size, 1)
 
   def generate() -> Iterator[bool]:
     begin = start
@@ -185,7 +158,7 @@ class HostDispatch:
     self._key_data = np.asarray(jax.random.key_data(_coin.as_key(seed)))
     self._argname = take_sam_argname
     self._next: bool | None = None
-    self.step = _check_int('HostDispatch', 'start', start, 0)
+    self.step = _checks.integer('HostDispatch', 'start', start, 0)
     self.sam_steps = 0
     traces = [0]
     self._traces = traces

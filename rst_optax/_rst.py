@@ -5,7 +5,6 @@ a sharpness-aware (SAM) branch that evaluates the gradient a second time at
 perturbed parameters; otherwise it goes to the base optimizer as it is.
 """
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rst_optax import _coin
+from rst_optax import _checks, _coin
 
 GradFn = Callable[[optax.Params], optax.Updates]
 
@@ -40,10 +39,6 @@ class RSTState(NamedTuple):
   base_state: optax.OptState
 
 
-def _is_tracer(value: Any) -> bool:
-  return isinstance(value, jax.core.Tracer)
-
-
 def _mark_varying(tree: optax.Params, axis_name: str) -> optax.Params:
   """Marks ``tree`` as varying over ``axis_name`` where it is not already.
 
@@ -66,59 +61,6 @@ def _mark_varying(tree: optax.Params, axis_name: str) -> optax.Params:
       return x
 
   return jax.tree.map(mark, tree)
-
-
-def _check_number(
-    name: str, value: Any, *, allow_callable: bool, low: float | None = None,
-    high: float | None = None, low_open: bool = False,
-) -> None:
-  """Raises a ValueError naming ``name`` unless ``value`` is an allowed number.
-
-  Tracers (for example hyperparameters injected by
-  ``optax.inject_hyperparams`` under ``jax.jit``) cannot be checked and pass.
-  """
-  if allow_callable and callable(value):
-    return
-  if _is_tracer(value):
-    return
-  allowed = 'a finite number'
-  if low is not None and high is not None:
-    allowed = f'a number in [{low}, {high}]'
-  elif low is not None:
-    allowed = f'a finite number {">" if low_open else ">="} {low}'
-  if allow_callable:
-    allowed += ' or a schedule (a callable of the step count)'
-  try:
-    if isinstance(value, bool) or np.ndim(value) != 0:
-      raise TypeError
-    x = float(value)
-  except (TypeError, ValueError):
-    raise TypeError(
-        f'rst: `{name}` must be {allowed}; got {value!r}.'
-    ) from None
-  bad = not math.isfinite(x)
-  bad |= low is not None and (x <= low if low_open else x < low)
-  bad |= high is not None and x > high
-  if bad:
-    raise ValueError(f'rst: `{name}` must be {allowed}; got {x}.')
-
-
-def _check_seed(seed: Any) -> None:
-  if _is_tracer(seed):
-    return
-  if isinstance(seed, (jax.Array, np.ndarray)):
-    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.ndim == 0:
-      return
-    if seed.dtype == np.uint32 and seed.ndim == 1:
-      return
-    if jnp.issubdtype(seed.dtype, jnp.integer) and seed.ndim == 0:
-      return
-  elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-    return
-  raise TypeError(
-      '`seed` must be an int or a JAX PRNG key (jax.random.key(...) or '
-      f'jax.random.PRNGKey(...)); got {seed!r}.'
-  )
 
 
 def rst(
@@ -250,11 +192,12 @@ def rst(
         '`base_tx` must be an optax.GradientTransformation (with callable '
         f'`init` and `update`); got {base_tx!r}.'
     )
-  _check_number('schedule', schedule, allow_callable=True, low=0.0, high=1.0)
-  _check_number('rho', rho, allow_callable=True, low=0.0)
-  _check_number('lam', lam, allow_callable=True)
-  _check_number('eps', eps, allow_callable=False, low=0.0, low_open=True)
-  _check_seed(seed)
+  _checks.number('rst', 'schedule', schedule, low=0.0, high=1.0,
+                 allow_schedule=True)
+  _checks.number('rst', 'rho', rho, low=0.0, allow_schedule=True)
+  _checks.number('rst', 'lam', lam, allow_schedule=True)
+  _checks.number('rst', 'eps', eps, low=0.0, low_open=True)
+  _checks.seed('rst', seed)
   if not isinstance(adaptive, (bool, np.bool_)):
     raise TypeError(f'`adaptive` must be a bool; got {adaptive!r}.')
   if axis_name is not None and not isinstance(axis_name, str):

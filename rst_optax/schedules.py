@@ -12,14 +12,14 @@ References:
 """
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rst_optax import _coin
+from rst_optax import _checks, _coin
 
 __all__ = [
     'constant',
@@ -29,21 +29,6 @@ __all__ = [
     'piecewise',
     'trigonometric',
 ]
-
-
-def _probability_arg(fn: str, name: str, value: object) -> float:
-  is_number = isinstance(value, Real) and not isinstance(value, bool)
-  if is_number and math.isfinite(value) and 0.0 <= value <= 1.0:
-    return float(value)
-  raise ValueError(f'{fn}: `{name}` must be a probability in [0, 1]; '
-                   f'got {value!r}.')
-
-
-def _steps_arg(fn: str, name: str, value: object, minimum: int) -> int:
-  if isinstance(value, Integral) and not isinstance(value, bool) and value >= minimum:
-    return int(value)
-  raise ValueError(f'{fn}: `{name}` must be an int >= {minimum}; '
-                   f'got {value!r}.')
 
 
 def constant(p: float) -> optax.Schedule:
@@ -60,7 +45,7 @@ def constant(p: float) -> optax.Schedule:
     >>> float(schedules.constant(0.3)(10))
     0.3...
   """
-  return optax.constant_schedule(_probability_arg('constant', 'p', p))
+  return optax.constant_schedule(_checks.probability('constant', 'p', p))
 
 
 def piecewise(p_before: float, p_after: float, boundary: int) -> optax.Schedule:
@@ -84,9 +69,9 @@ def piecewise(p_before: float, p_after: float, boundary: int) -> optax.Schedule:
     >>> float(s(99)), float(s(100))
     (0.0, 1.0)
   """
-  before = _probability_arg('piecewise', 'p_before', p_before)
-  after = _probability_arg('piecewise', 'p_after', p_after)
-  boundary = _steps_arg('piecewise', 'boundary', boundary, 0)
+  before = _checks.probability('piecewise', 'p_before', p_before)
+  after = _checks.probability('piecewise', 'p_after', p_after)
+  boundary = _checks.integer('piecewise', 'boundary', boundary, 0)
   return optax.join_schedules(
       [optax.constant_schedule(before), optax.constant_schedule(after)],
       [boundary],
@@ -116,9 +101,9 @@ def linear(p_start: float, p_end: float, total_steps: int) -> optax.Schedule:
     0.5
   """
   return optax.linear_schedule(
-      _probability_arg('linear', 'p_start', p_start),
-      _probability_arg('linear', 'p_end', p_end),
-      _steps_arg('linear', 'total_steps', total_steps, 1),
+      _checks.probability('linear', 'p_start', p_start),
+      _checks.probability('linear', 'p_end', p_end),
+      _checks.integer('linear', 'total_steps', total_steps, 1),
   )
 
 
@@ -148,9 +133,9 @@ def trigonometric(
     >>> float(s(0)), float(s(50)), float(s(100))
     (0.0, 0.5, 1.0)
   """
-  start = _probability_arg('trigonometric', 'p_start', p_start)
-  end = _probability_arg('trigonometric', 'p_end', p_end)
-  total = _steps_arg('trigonometric', 'total_steps', total_steps, 1)
+  start = _checks.probability('trigonometric', 'p_start', p_start)
+  end = _checks.probability('trigonometric', 'p_end', p_end)
+  total = _checks.integer('trigonometric', 'total_steps', total_steps, 1)
 
   def schedule(count):
     frac = jnp.minimum(jnp.asarray(count, jnp.float32) / total, 1.0)
@@ -182,7 +167,7 @@ def mean_probability(
     >>> round(schedules.mean_probability(schedules.linear(0., 1., 1000), 1000), 4)
     0.4995
   """
-  total = _steps_arg('mean_probability', 'total_steps', total_steps, 1)
+  total = _checks.integer('mean_probability', 'total_steps', total_steps, 1)
   steps = jnp.arange(total, dtype=jnp.int32)
   probs = jax.vmap(lambda t: _coin.probability(schedule, t))(steps)
   return float(np.mean(np.asarray(probs, dtype=np.float64)))

@@ -222,7 +222,7 @@ def test_recommended_dispatch(monkeypatch):
 
 @pytest.mark.parametrize('kwargs, error, match', [
     (dict(schedule=1.5), ValueError, '`schedule`'),
-    (dict(schedule='0.5'), ValueError, '`schedule`'),
+    (dict(schedule='0.5'), TypeError, '`schedule`'),
     (dict(seed='zero'), TypeError, '`seed`'),
     (dict(start=-1), ValueError, '`start`'),
     (dict(start=1.5), TypeError, '`start`'),

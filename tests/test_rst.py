@@ -215,10 +215,14 @@ def test_schedule_values_are_clipped_to_unit_interval():
 
 
 def test_decisions_rejects_bad_ranges():
-  with pytest.raises(ValueError, match='start'):
+  with pytest.raises(ValueError, match='`stop` must be an int >= 5'):
     rst_optax.decisions(0.5, 0, 5, 2)
-  with pytest.raises(ValueError, match='start'):
+  with pytest.raises(ValueError, match='`start`'):
     rst_optax.decisions(0.5, 0, -1, 2)
+  with pytest.raises(ValueError, match='`schedule`'):
+    rst_optax.decisions(1.5, 0, 0, 2)
+  with pytest.raises(TypeError, match='`seed`'):
+    rst_optax.decisions(0.5, 'zero', 0, 2)
 
 
 def test_resume_from_count_continues_the_same_run(problem):
@@ -480,6 +484,8 @@ def test_state_is_a_plain_pytree(problem):
     ({'schedule': 1.5}, 'schedule'),
     ({'schedule': -0.1}, 'schedule'),
     ({'schedule': float('nan')}, 'schedule'),
+    ({'schedule': '0.5'}, 'schedule'),
+    ({'schedule': [0.5]}, 'schedule'),
     ({'lam': float('inf')}, 'lam'),
     ({'lam': float('nan')}, 'lam'),
     ({'eps': 0.0}, 'eps'),

@@ -16,6 +16,9 @@ import optax
 
 from rst_optax import _checks
 
+# The last step: the step count is int32 and stops there (optax.safe_increment).
+MAX_STEP = int(np.iinfo(np.int32).max)
+
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 Seed = int | jax.Array
 
@@ -109,7 +112,7 @@ def decisions(
   _checks.seed('decisions', seed)
   start = _checks.integer('decisions', 'start', start, 0)
   stop = _checks.integer('decisions', 'stop', stop, start)
-  if stop > np.iinfo(np.int32).max:
+  if stop > MAX_STEP:
     raise ValueError(
         f'decisions: `stop` must be <= 2**31 - 1 (the int32 step count); '
         f'got {stop}.')

@@ -19,8 +19,6 @@ import numpy as np
 from rst_optax import _checks, _coin
 from rst_optax._rst import RSTState
 
-_MAX_STEP = int(np.iinfo(np.int32).max)
-
 
 def iter_decisions(
     schedule: _coin.ScalarOrSchedule,
@@ -66,8 +64,8 @@ def _decision_stream(fn, schedule, seed, start, chunk_size) -> Iterator[bool]:
 
   def generate() -> Iterator[bool]:
     begin = start
-    while begin < _MAX_STEP:
-      stop = min(begin + chunk_size, _MAX_STEP)
+    while begin < _coin.MAX_STEP:
+      stop = min(begin + chunk_size, _coin.MAX_STEP)
       yield from _coin.decisions(schedule, seed, begin, stop).tolist()
       begin = stop
 

@@ -5,25 +5,70 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-step-cost clean
+.PHONY: demo test lint bench-step-cost clean docs wheel-check test-min test-py313 typecheck
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/mnist1d.py
+	$(BIN)/python examples/mnist1d_demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --durations=15
 
 bench-step-cost: $(STAMP)
-	$(BIN)/python benchmarks/step_cost.py
+	$(BIN)/python -m benchmarks.step_cost
+
+# The documentation site, offline, with warnings as errors; open
+# docs/_build/html/index.html afterwards.
+docs: $(STAMP)
+	rm -rf docs/_build
+	$(BIN)/python -m sphinx -b html -W --keep-going docs docs/_build/html
+	@echo "Built the docs: open docs/_build/html/index.html"
+
+# Build the sdist and the wheel, twine check --strict, install the wheel alone
+# (no Flax, no Equinox) into a fresh venv under /tmp, run a jitted step there and
+# check that the Flax and Equinox helpers ask for their extras.
+wheel-check: $(STAMP)
+	bash .ci/wheel_check.sh $(BIN)/python
+
+# The lowest declared versions (constraints-min.txt) on the lowest declared
+# Python, 3.11, in .venv-min: the tests and the doctests, -x, on 2 workers (the
+# docs pages are written for the pinned versions; `make test` runs them).
+VENV_MIN := .venv-min
+$(VENV_MIN)/.installed: pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install -q -c constraints-min.txt -e '.[dev]'
+	touch $@
+
+test-min: $(VENV_MIN)/.installed
+	$(VENV_MIN)/bin/python -m pytest -x -q -p no:cacheprovider -n 2 tests rst_optax
+
+# The newest Python that JAX supports among those installed (3.13, through
+# pyenv), with the pinned versions, in .venv-py313: the tests and doctests but
+# the slow multi-process ones (`make test` runs those and the docs pages), -x,
+# on 2 workers.
+PYTHON_NEW ?= $(shell PYENV_VERSION=3.13 pyenv which python 2>/dev/null || command -v python3.13)
+VENV_NEW := .venv-py313
+$(VENV_NEW)/.installed: pyproject.toml constraints.txt
+	$(PYTHON_NEW) -m venv $(VENV_NEW)
+	$(VENV_NEW)/bin/python -m pip install -q --upgrade pip
+	$(VENV_NEW)/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+test-py313: $(VENV_NEW)/.installed
+	$(VENV_NEW)/bin/python -m pytest -x -q -p no:cacheprovider -n 2 -m 'not slow' tests rst_optax
+
+# The type hints of the package, checked by mypy (config in pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_MIN) $(VENV_NEW) .pytest_cache .ruff_cache .mypy_cache .hypothesis docs/_build build dist

@@ -1,38 +1,33 @@
 """Accuracy per compute on MNIST-1D: SGD, SAM, and RST / G-RST per schedule family.
 
-The multi-seed comparison behind the demo (``examples/mnist1d.py``, whose
+The multi-seed comparison behind the demo (``examples/mnist1d_demo.py``, whose
 model, data and training loop it reuses) at a larger budget: every schedule
 family of p(t) (constant, piecewise, linear, trigonometric) at the same mean
 p, for RST (lam = 1) and G-RST (lam = matching_lam). For each seed all
 configurations run back to back, so wall-clock ratios compare runs that shared
 the machine's load alike. Results are written after every seed.
 
-Run:  python benchmarks/accuracy.py [--seeds 20 --epochs 100 ...]
+Run:  python -m benchmarks.accuracy [--seeds 20 --epochs 100 ...]   (from the
+repository root)
 Writes benchmarks/results/accuracy.json and accuracy.png; prints the tables
 for benchmarks/README.md.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import textwrap
 import time
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+import rst_optax
+from examples import mnist1d_demo as demo
+from rst_optax.schedules import FAMILIES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ('constant', 'piecewise', 'linear', 'trigonometric')
-
-
-def load_demo():
-  """Imports examples/mnist1d.py as a module (it shares the package's name)."""
-  path = os.path.join(ROOT, 'examples', 'mnist1d.py')
-  spec = importlib.util.spec_from_file_location('mnist1d_demo', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def parse_args(argv=None):
@@ -56,10 +51,8 @@ def parse_args(argv=None):
                       help='redo the tables and plot of a saved accuracy.json '
                       'without training')
   args = parser.parse_args(argv)
-  args.families = [f.strip() for f in args.families.split(',') if f.strip()]
-  for f in args.families:
-    if f not in FAMILIES:
-      parser.error(f'--families: unknown family {f!r}; choose from {FAMILIES}.')
+  args.families = demo.comma_list(parser, '--families', args.families,
+                                  FAMILIES)
   return args
 
 
@@ -108,7 +101,7 @@ def summarize(records):
 
 
 def format_tables(rows, settings):
-  """The Markdown tables for benchmarks/README.md and the target verdicts."""
+  """The Markdown tables for benchmarks/README.md and the goal verdicts."""
   lines = ['| configuration | lam | test acc. % mean ± std (± s.e.) | val. acc. % '
            '| Δ vs SAM, pp (paired ± s.e.) | gradient evaluations | × SAM '
            'passes | wall-clock s | × SAM time |', '|---|---|---|---|---|---|---'
@@ -220,7 +213,6 @@ def main(argv=None):
       result = json.load(f)
     report(result, args.out)
     return result
-  demo = load_demo()
   os.makedirs(args.out, exist_ok=True)
   run_args = {}
   for name, method, family in configs(args):
@@ -229,11 +221,10 @@ def main(argv=None):
              '--schedule', family or 'constant']
     run_args[name] = (method, demo.parse_args(flags))
   first = next(iter(run_args.values()))[1]
-  import jax  # after the demo module, which imports it
   jax.config.update('jax_compilation_cache_dir',
                     os.path.join(args.cache, 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  dispatch = (demo.rst_optax.recommended_dispatch() if args.dispatch == 'auto'
+  dispatch = (rst_optax.recommended_dispatch() if args.dispatch == 'auto'
               else args.dispatch)
   data = demo.load_data(first.num_samples, first.val_size, args.cache)
   settings = {
@@ -242,7 +233,7 @@ def main(argv=None):
       'batch_size': first.batch_size, 'width': first.width,
       'num_samples': first.num_samples, 'n_train': len(data['y']),
       'n_val': len(data['y_val']), 'n_test': len(data['y_test']),
-      'command': 'python benchmarks/accuracy.py ' + ' '.join(
+      'command': 'python -m benchmarks.accuracy ' + ' '.join(
           f'--{k} {v}' for k, v in (('seeds', args.seeds),
                                    ('epochs', args.epochs), ('p', args.p),
                                    ('rho', args.rho))),
@@ -253,7 +244,7 @@ def main(argv=None):
   load = {'start': os.getloadavg()}
   records, start = [], time.perf_counter()
   progress = tqdm(total=args.seeds * len(run_args) * args.epochs, unit='epoch',
-                  disable=args.no_progress)
+                  disable=True if args.no_progress else None)
   for seed in range(args.seeds):
     for name, (method, run) in run_args.items():
       record = demo.train_run(method, seed, data, run, dispatch, progress)

@@ -16,10 +16,16 @@ the fraction of SAM steps actually taken in the window, ``T_base`` the base
 step and ``T_sam`` the ``rst p=1`` step; ``/mix+dec`` adds to host rows the
 cost of computing their decisions (``rst_optax.decisions``, 4096 steps at a
 time), amortized per step; ``/base`` and ``/SAM`` are to the base step and to
-``sam opaque``. Run:
+``sam opaque``.
 
-  python benchmarks/step_cost.py            # MLP and 1-D CNN, under 5 minutes
-  python benchmarks/step_cost.py --models cnn2d,resnet18 --rounds 5
+It also measures, per model, the time to compile (trace and lower, then
+compile) the base step, SAM, ``rst`` with ``cond`` and host dispatch's two
+executables, and the memory XLA plans for each (``memory_analysis()`` of the
+compiled step: temporary, argument and output bytes). Run from the
+repository root:
+
+  python -m benchmarks.step_cost          # MLP and 1-D CNN, about 2 minutes
+  python -m benchmarks.step_cost --models cnn2d,resnet18 --rounds 5
 
 Writes ``step_cost.json`` and ``step_cost.png`` to ``--out``.
 """
@@ -27,106 +33,93 @@ Writes ``step_cost.json`` and ``step_cost.png`` to ``--out``.
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import jaxlib
 import matplotlib
 import numpy as np
 import optax
 
 import rst_optax
+from examples.cifar10_resnet import ResNet18
+from examples.mnist1d_demo import machine
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 RHO = 0.05
 SEED = 0
-TARGET_MIXTURE = 1.05
-TARGET_ENDS = 1.03
+# The project's goals for the step cost, for the dispatch mode recommended on
+# the backend: within GOAL_MIXTURE of the ideal mixture at every p, and
+# within GOAL_ENDS of the base optimizer at p = 0 and of SAM at p = 1.
+GOAL_MIXTURE = 1.05
+GOAL_ENDS = 1.03
+# ... and for compilation: rst with cond compiles in at most GOAL_COMPILE
+# times SAM's time and plans no more temporary memory than SAM; host
+# dispatch's two executables compile in at most base + SAM.
+GOAL_COMPILE = 1.1
+MEMORY_FIELDS = ('temp', 'argument', 'output', 'alias', 'generated_code')
 
 
 class MLP(nn.Module):
-  """Dense net on MNIST-1D-shaped inputs: a step under a millisecond."""
+  """Dense net on MNIST-1D-shaped inputs: ``depth`` hidden ReLU layers."""
+  width: int = 128
+  depth: int = 2
 
   @nn.compact
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(128)(x))
-    x = nn.relu(nn.Dense(128)(x))
+    for _ in range(self.depth):
+      x = nn.relu(nn.Dense(self.width)(x))
     return nn.Dense(10)(x)
 
 
 class CNN1D(nn.Module):
   """Small 1-D conv net on MNIST-1D-shaped inputs (length 40, one channel)."""
+  width: int = 32
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Conv(32, (5,))(x))
-    x = nn.relu(nn.Conv(32, (5,), strides=2)(x))
-    x = nn.relu(nn.Conv(32, (5,), strides=2)(x))
+    x = nn.relu(nn.Conv(self.width, (5,))(x))
+    x = nn.relu(nn.Conv(self.width, (5,), strides=2)(x))
+    x = nn.relu(nn.Conv(self.width, (5,), strides=2)(x))
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
 class CNN2D(nn.Module):
   """Small 2-D conv net on CIFAR-shaped inputs (32x32x3)."""
+  width: int = 32
 
   @nn.compact
   def __call__(self, x):
-    x = nn.max_pool(nn.relu(nn.Conv(32, (3, 3))(x)), (2, 2), (2, 2))
-    x = nn.max_pool(nn.relu(nn.Conv(64, (3, 3))(x)), (2, 2), (2, 2))
-    x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+    x = nn.max_pool(nn.relu(nn.Conv(self.width, (3, 3))(x)), (2, 2), (2, 2))
+    x = nn.max_pool(nn.relu(nn.Conv(2 * self.width, (3, 3))(x)), (2, 2),
+                    (2, 2))
+    x = nn.relu(nn.Dense(4 * self.width)(x.reshape(x.shape[0], -1)))
     return nn.Dense(10)(x)
 
 
-class BasicBlock(nn.Module):
-  features: int
-  strides: int = 1
-
-  @nn.compact
-  def __call__(self, x):
-    norm = lambda: nn.BatchNorm(use_running_average=False, momentum=0.9)
-    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
-    y = nn.relu(norm()(y))
-    y = norm()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
-    if x.shape != y.shape:
-      x = norm()(nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x))
-    return nn.relu(x + y)
+class ModelSpec(NamedTuple):
+  """A benchmarked model: its module, input and timing window."""
+  name: str
+  module: nn.Module
+  shape: tuple[int, ...]  # one input, without the batch axis
+  batch_norm: bool  # the module takes `train` and has batch statistics
+  steps: int  # steps per configuration per round
+  rounds: int  # timed rounds; the medians are over them
 
 
-class ResNet18(nn.Module):
-  """ResNet-18, CIFAR variant (3x3 stem, no max-pool), with BatchNorm."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(64, (3, 3), use_bias=False)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=False, momentum=0.9)(x))
-    for i, features in enumerate((64, 128, 256, 512)):
-      for j in range(2):
-        x = BasicBlock(features, 2 if i > 0 and j == 0 else 1)(x)
-    return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
-
-
-# name: (module, input shape without batch, batch norm, steps per round,
-# rounds). Many short rounds: the noise of one window is large (+-10% on the
-# MLP), the median over many is stable.
+# Many short rounds: the noise of one window is large (+-10% on the MLP),
+# the median over many is stable.
 MODELS = {
-    'mlp': (MLP, (40, 1), False, 10, 200),
-    'cnn': (CNN1D, (40, 1), False, 5, 60),
-    'cnn2d': (CNN2D, (32, 32, 3), False, 2, 10),
-    'resnet18': (ResNet18, (32, 32, 3), True, 1, 5),
+    'mlp': ModelSpec('mlp', MLP(), (40, 1), False, 10, 200),
+    'cnn': ModelSpec('cnn', CNN1D(), (40, 1), False, 5, 60),
+    'cnn2d': ModelSpec('cnn2d', CNN2D(), (32, 32, 3), False, 2, 10),
+    'resnet18': ModelSpec('resnet18', ResNet18(), (32, 32, 3), True, 1, 5),
 }
-
-
-def steps_and_rounds(name: str, args: argparse.Namespace) -> tuple[int, int]:
-  _, _, _, steps, rounds = MODELS[name]
-  return args.steps or steps, args.rounds or rounds
 
 
 def median_ci(values, rng, level: float = 0.95, resamples: int = 2000):
@@ -138,18 +131,28 @@ def median_ci(values, rng, level: float = 0.95, resamples: int = 2000):
                                           [tail, 100 - tail])]
 
 
-def make_loss(module: nn.Module, batch_norm: bool) -> Callable[..., Any]:
-  """``loss(params, stats, batch) -> (loss, new_stats)``."""
+def make_loss(module: nn.Module, batch_norm: bool,
+              dtype: str = 'float32') -> Callable[..., Any]:
+  """``loss(params, stats, batch) -> (loss, new_stats)``.
+
+  ``dtype`` is the compute type: parameters, statistics and inputs are cast
+  to it inside the loss, and stay float32 outside (mixed precision).
+  """
+  cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
 
   def loss_fn(params, stats, batch):
     x, y = batch
+    variables = {'params': cast(params)}
     if batch_norm:
       logits, updated = module.apply(
-          {'params': params, 'batch_stats': stats}, x, mutable=['batch_stats'])
-      stats = updated['batch_stats']
+          variables | {'batch_stats': cast(stats)}, x.astype(dtype),
+          train=True, mutable=['batch_stats'])
+      stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                           updated['batch_stats'], stats)
     else:
-      logits = module.apply({'params': params}, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      logits = module.apply(variables, x.astype(dtype))
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype('float32'), y).mean()
     return loss, stats
 
   return loss_fn
@@ -181,6 +184,7 @@ class Config:
 
   def __init__(self, name, mode, p, tx, step, init, taken):
     self.name, self.mode, self.p = name, mode, p
+    self.step = step  # The plain train step, for the compile measurements.
     self.taken = taken  # The branch of every step, known on the host.
     params, stats = init
     self.state = (params, stats, tx.init(params))
@@ -188,7 +192,7 @@ class Config:
     self.traces = 0
     self.times, self.fractions = [], []
     if mode == 'host':
-      self.call = rst_optax.HostDispatch(step, p, SEED)
+      self.call = rst_optax.HostDispatch(step, tx)
     else:
       def counted(*args):
         self.traces += 1
@@ -215,18 +219,21 @@ class Config:
     return elapsed / steps, fraction
 
 
-def build_configs(name: str, args: argparse.Namespace):
-  """The configurations of one model, their batch, and the model's size."""
-  module_cls, shape, batch_norm = MODELS[name][:3]
-  steps, rounds = steps_and_rounds(name, args)
-  total = 1 + steps * (args.warmup + rounds)
-  module = module_cls()
+def init_model(spec: ModelSpec, batch_size: int):
+  """Random inputs and labels, and the model's initial (params, stats)."""
   kx, ky, kinit = jax.random.split(jax.random.key(SEED), 3)
-  x = jax.random.normal(kx, (args.batch_size, *shape))
-  y = jax.random.randint(ky, (args.batch_size,), 0, 10)
-  variables = module.init(kinit, x)
-  init = (variables['params'], variables.get('batch_stats', {}))
-  loss_fn = make_loss(module, batch_norm)
+  x = jax.random.normal(kx, (batch_size, *spec.shape))
+  y = jax.random.randint(ky, (batch_size,), 0, 10)
+  kwargs = {'train': False} if spec.batch_norm else {}
+  variables = spec.module.init(kinit, x, **kwargs)
+  return (variables['params'], variables.get('batch_stats', {})), (x, y)
+
+
+def build_configs(spec: ModelSpec, args: argparse.Namespace):
+  """The configurations of one model, their batch, and the model's size."""
+  total = 1 + spec.steps * (args.warmup + spec.rounds)
+  init, batch = init_model(spec, args.batch_size)
+  loss_fn = make_loss(spec.module, spec.batch_norm, args.dtype)
   base = optax.sgd(0.01, momentum=0.9)
   sam = optax.contrib.sam(
       base, optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
@@ -251,29 +258,35 @@ def build_configs(name: str, args: argparse.Namespace):
       configs.append(Config(f'{mode} p={p:g}', mode, p, tx,
                             make_step(loss_fn, tx, 'rst'), init, taken))
   n_params = sum(v.size for v in jax.tree.leaves(init[0]))
-  return configs, (x, y), n_params
+  return configs, batch, n_params
 
 
-def bench_model(name, args, rng, decision_s: float) -> dict[str, Any]:
-  """Times every configuration of one model, interleaved; returns its rows.
+def first_steps(configs: list[Config], batch) -> float:
+  """Compiles every configuration by running one step; returns the seconds.
+
+  Host dispatch compiles the branch of its first step here, the other one in
+  the warm-up rounds.
+  """
+  start = time.perf_counter()
+  for config in configs:
+    config.run(batch, 1)
+  return time.perf_counter() - start
+
+
+def time_rounds(configs: list[Config], batch, steps: int, rounds: int,
+                warmup: int, rng) -> dict[str, dict[str, list[float]]]:
+  """Runs the interleaved rounds; returns each config's per-round ratios.
 
   Every ratio is taken within a round (against the base, ``rst p=1`` and SAM
-  windows of the same round, so under the same load), then its median over
-  the rounds is reported.
+  windows of the same round, so under the same load).
   """
-  steps, rounds = steps_and_rounds(name, args)
-  configs, batch, n_params = build_configs(name, args)
-  t0 = time.perf_counter()
-  for config in configs:  # Compile (both branches for host dispatch: p > 0).
-    config.run(batch, 1)
-  compile_s = time.perf_counter() - t0
-  keys = ('mixture', 'base', 'sam_opaque')
+  keys = ('mixture', 'base', 'sam_opaque', 'mixture_s')
   ratios = {c.name: {k: [] for k in keys} for c in configs}
-  for round_ in range(args.warmup + rounds):
+  for round_ in range(warmup + rounds):
     timed = {}
     for i in rng.permutation(len(configs)):
       timed[configs[i].name] = configs[i].run(batch, steps)
-    if round_ < args.warmup:
+    if round_ < warmup:
       continue
     t_base, t_sam = timed['base'][0], timed['rst p=1'][0]
     for config in configs:
@@ -281,13 +294,23 @@ def bench_model(name, args, rng, decision_s: float) -> dict[str, Any]:
       config.times.append(t)
       config.fractions.append(frac)
       ratio = ratios[config.name]
-      ratio['mixture'].append(t / ((1 - frac) * t_base + frac * t_sam))
+      mixture = (1 - frac) * t_base + frac * t_sam
+      ratio['mixture_s'].append(mixture)
+      ratio['mixture'].append(t / mixture)
       ratio['base'].append(t / t_base)
       ratio['sam_opaque'].append(t / timed['sam opaque'][0])
+  return ratios
+
+
+def summarize(configs: list[Config], ratios, steps: int, rounds: int,
+              decision_s: float, rng) -> list[dict[str, Any]]:
+  """One row per configuration: medians over the rounds, with 95% CIs."""
   rows = []
   for config in configs:
     t = float(np.median(config.times))
-    ratio = {k: float(np.median(v)) for k, v in ratios[config.name].items()}
+    per_round = ratios[config.name]
+    ratio = {k: float(np.median(per_round[k]))
+             for k in ('mixture', 'base', 'sam_opaque')}
     # Host rows: add the cost of the decisions, amortized per step.
     extra = decision_s / t if config.mode == 'host' else 0.0
     rows.append({
@@ -298,19 +321,94 @@ def bench_model(name, args, rng, decision_s: float) -> dict[str, Any]:
         'ms_iqr': [1e3 * q for q in np.percentile(config.times, [25, 75])],
         'sam_fraction': float(np.mean(config.fractions)),
         'ratio_to_mixture': ratio['mixture'],
-        'ratio_ci95': median_ci(ratios[config.name]['mixture'], rng),
+        'ratio_ci95': median_ci(per_round['mixture'], rng),
+        # All timed steps together: robust where a window is one step, and
+        # its ratio either that of the base or of the SAM branch.
+        'pooled_ratio_to_mixture': float(np.sum(config.times)
+                                         / np.sum(per_round['mixture_s'])),
         'ratio_to_mixture_amortized': ratio['mixture'] * (1 + extra),
         'ratio_to_base': ratio['base'],
-        'ratio_to_base_ci95': median_ci(ratios[config.name]['base'], rng),
+        'ratio_to_base_ci95': median_ci(per_round['base'], rng),
         'ratio_to_sam_opaque': ratio['sam_opaque'],
-        'ratio_to_sam_opaque_ci95': median_ci(
-            ratios[config.name]['sam_opaque'], rng),
+        'ratio_to_sam_opaque_ci95': median_ci(per_round['sam_opaque'], rng),
         'compilations': config.compilations,
+        'branches_taken': len(set(config.taken[:config.count].tolist())),
         'steps_timed': steps * rounds,
     })
-  return {'model': name, 'parameters': int(n_params),
-          'steps_per_round': steps, 'rounds': rounds,
-          'compile_and_first_step_s': compile_s, 'rows': rows}
+  return rows
+
+
+def compile_cost(step: Callable[..., Any], args, take_sam=None):
+  """Seconds to trace and lower, and to compile, one step; and its memory.
+
+  A new function object each call, so that nothing is reused from JAX's
+  caches. ``take_sam`` given: the static branch, as host dispatch compiles it.
+  """
+  if take_sam is None:
+    fresh = lambda *a: step(*a)
+  else:
+    fresh = lambda *a: step(*a, take_sam=take_sam)
+  start = time.perf_counter()
+  lowered = jax.jit(fresh).lower(*args)
+  traced = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  stats = compiled.memory_analysis()
+  memory = {f: getattr(stats, f'{f}_size_in_bytes', None) if stats else None
+            for f in MEMORY_FIELDS}
+  return {'trace_s': traced - start, 'compile_s': done - traced,
+          'total_s': done - start, 'memory_bytes': memory}
+
+
+def compile_table(configs: list[Config], batch, p: float,
+                  repeats: int) -> list[dict[str, Any]]:
+  """Compile time (median of ``repeats``, interleaved) and memory per step.
+
+  Rows: base, SAM opaque, rst with cond at ``p``, and host dispatch at ``p``
+  (both executables: its time is their sum, its memory the larger of each).
+  """
+  by_name = {c.name: c for c in configs}
+  jobs = {'base': [(by_name['base'], None)],
+          'sam opaque': [(by_name['sam opaque'], None)],
+          f'cond p={p:g}': [(by_name[f'cond p={p:g}'], None)],
+          f'host p={p:g}': [(by_name[f'host p={p:g}'], False),
+                            (by_name[f'host p={p:g}'], True)]}
+  measured = {name: [] for name in jobs}
+  for _ in range(repeats):
+    for name, parts in jobs.items():
+      costs = [compile_cost(c.step, (*c.state, batch), take_sam)
+               for c, take_sam in parts]
+      measured[name].append(costs)
+  rows = []
+  for name, runs in measured.items():
+    median = lambda key, runs=runs: float(np.median(
+        [sum(cost[key] for cost in run) for run in runs]))
+    memory = {}
+    for field in MEMORY_FIELDS:
+      values = [cost['memory_bytes'][field] for cost in runs[0]]
+      memory[field] = None if None in values else max(values)
+    rows.append({'config': name, 'executables': len(runs[0]),
+                 'trace_s': median('trace_s'), 'compile_s': median('compile_s'),
+                 'total_s': median('total_s'), 'memory_bytes': memory,
+                 'repeats': repeats})
+  return rows
+
+
+def bench_model(spec: ModelSpec, args, rng, decision_s: float) -> dict:
+  """Times every configuration of one model, interleaved; returns its rows."""
+  configs, batch, n_params = build_configs(spec, args)
+  first_s = first_steps(configs, batch)
+  ratios = time_rounds(configs, batch, spec.steps, spec.rounds, args.warmup,
+                       rng)
+  rows = summarize(configs, ratios, spec.steps, spec.rounds, decision_s, rng)
+  result = {'model': spec.name, 'parameters': int(n_params),
+            'dtype': args.dtype, 'batch_size': args.batch_size,
+            'steps_per_round': spec.steps, 'rounds': spec.rounds,
+            'compile_and_first_step_s': first_s, 'rows': rows}
+  if args.compile_repeats:
+    p = 0.5 if 0.5 in args.probs else args.probs[len(args.probs) // 2]
+    result['compile'] = compile_table(configs, batch, p, args.compile_repeats)
+  return result
 
 
 def decision_cost(chunk_size: int = 4096, warmup: int = 3,
@@ -328,93 +426,145 @@ def _ci(interval: list[float]) -> str:
   return f'{interval[0]:.3f}-{interval[1]:.3f}'
 
 
-def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Checks the issue's targets for the recommended dispatch of this backend."""
+def _goal(model: str, goal: str, measured: str, met: bool) -> dict[str, Any]:
+  return {'model': model, 'goal': goal, 'measured': measured, 'met': met}
+
+
+def mixture_goals(result, mode: str) -> list[dict[str, Any]]:
+  """Within GOAL_MIXTURE of the ideal mixture at every p (with decisions)."""
+  ours = [r for r in result['rows'] if r['mode'] == mode]
+  worst = max(ours, key=lambda r: r['ratio_to_mixture'])
+  goals = [_goal(result['model'],
+                 f'{mode}: ratio to mixture <= {GOAL_MIXTURE} at every p',
+                 f"max {worst['ratio_to_mixture']:.3f} at p={worst['p']:g} "
+                 f"(95% CI {_ci(worst['ratio_ci95'])})",
+                 worst['ratio_to_mixture'] <= GOAL_MIXTURE)]
+  if mode == 'host':
+    worst = max(ours, key=lambda r: r['ratio_to_mixture_amortized'])
+    goals.append(_goal(
+        result['model'], f'{mode} with decisions amortized: ratio to mixture '
+        f'<= {GOAL_MIXTURE} at every p',
+        f"max {worst['ratio_to_mixture_amortized']:.3f} at p={worst['p']:g}",
+        worst['ratio_to_mixture_amortized'] <= GOAL_MIXTURE))
+  return goals
+
+
+def end_goals(result, mode: str) -> list[dict[str, Any]]:
+  """p = 1 within GOAL_ENDS of SAM, p = 0 within GOAL_ENDS of the base."""
+  rows = {r['config']: r for r in result['rows']}
+  goals = []
+  for p, ref, label in ((1, 'sam_opaque', 'optax.contrib.sam opaque'),
+                        (0, 'base', 'the base optimizer')):
+    row = rows.get(f'{mode} p={p}')
+    if row:
+      ratio = row[f'ratio_to_{ref}']
+      goals.append(_goal(
+          result['model'], f'{mode} p={p} within 3% of {label}',
+          f"{ratio:.3f}x (95% CI {_ci(row[f'ratio_to_{ref}_ci95'])})",
+          ratio <= GOAL_ENDS))
+  return goals
+
+
+def compilation_goal(result) -> dict[str, Any]:
+  """Host: one executable per branch taken (2 when both occur); cond: one."""
+  host = {r['config']: r['compilations'] for r in result['rows']
+          if r['mode'] == 'host'}
+  host_ok = all(r['compilations'] == r['branches_taken']
+                for r in result['rows'] if r['mode'] == 'host')
+  cond = {r['compilations'] for r in result['rows'] if r['mode'] == 'cond'}
+  return _goal(result['model'], 'compilations: host 2 when both branches '
+               'occur (1 when one does), cond 1',
+               f'host {host}, cond {sorted(cond)}', host_ok and cond == {1})
+
+
+def compile_goals(result) -> list[dict[str, Any]]:
+  """cond: compile <= GOAL_COMPILE x SAM's, temp memory <= SAM's; host:
+  compile <= base + SAM."""
+  if 'compile' not in result:
+    return []
+  rows = {r['config']: r for r in result['compile']}
+  base, sam = rows['base'], rows['sam opaque']
+  cond = next(r for name, r in rows.items() if name.startswith('cond'))
+  host = next(r for name, r in rows.items() if name.startswith('host'))
+  model = result['model']
+  goals = [_goal(model, f'cond compiles in <= {GOAL_COMPILE}x SAM opaque',
+                 f"{cond['total_s']:.2f} s vs {sam['total_s']:.2f} s "
+                 f"({cond['total_s'] / sam['total_s']:.2f}x)",
+                 cond['total_s'] <= GOAL_COMPILE * sam['total_s'])]
+  temp_cond = cond['memory_bytes']['temp']
+  temp_sam = sam['memory_bytes']['temp']
+  if temp_cond is not None and temp_sam is not None:
+    goals.append(_goal(model, 'cond temp memory <= SAM opaque',
+                       f'{temp_cond:,} vs {temp_sam:,} bytes',
+                       temp_cond <= temp_sam))
+  limit = base['total_s'] + sam['total_s']
+  goals.append(_goal(model, 'host (both executables) compiles in <= base + '
+                     'SAM opaque',
+                     f"{host['total_s']:.2f} s vs {limit:.2f} s "
+                     f"({host['total_s'] / limit:.2f}x)",
+                     host['total_s'] <= limit))
+  return goals
+
+
+def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The project's goals, for the recommended dispatch of this backend."""
   mode = rst_optax.recommended_dispatch()
   checks = []
   for result in results:
-    rows = {r['config']: r for r in result['rows']}
-    ours = [r for r in result['rows'] if r['mode'] == mode]
-    worst = max(ours, key=lambda r: r['ratio_to_mixture'])
-    checks.append({
-        'model': result['model'],
-        'target': f'{mode}: ratio to mixture <= {TARGET_MIXTURE} at every p',
-        'measured': f"max {worst['ratio_to_mixture']:.3f} at p={worst['p']:g}"
-                    f" (95% CI {_ci(worst['ratio_ci95'])})",
-        'met': worst['ratio_to_mixture'] <= TARGET_MIXTURE,
-    })
-    if mode == 'host':
-      worst = max(ours, key=lambda r: r['ratio_to_mixture_amortized'])
-      checks.append({
-          'model': result['model'],
-          'target': f'{mode} with decisions amortized: ratio to mixture <= '
-                    f'{TARGET_MIXTURE} at every p',
-          'measured': f"max {worst['ratio_to_mixture_amortized']:.3f} at "
-                      f"p={worst['p']:g}",
-          'met': worst['ratio_to_mixture_amortized'] <= TARGET_MIXTURE,
-      })
-    one = rows[f'{mode} p=1']
-    checks.append({
-        'model': result['model'],
-        'target': f'{mode} p=1 within 3% of optax.contrib.sam opaque',
-        'measured': f"{one['ratio_to_sam_opaque']:.3f}x SAM opaque (95% CI "
-                    f"{_ci(one['ratio_to_sam_opaque_ci95'])})",
-        'met': one['ratio_to_sam_opaque'] <= TARGET_ENDS,
-    })
-    zero = rows[f'{mode} p=0']
-    checks.append({
-        'model': result['model'],
-        'target': f'{mode} p=0 within 3% of the base optimizer',
-        'measured': f"{zero['ratio_to_base']:.3f}x base (95% CI "
-                    f"{_ci(zero['ratio_to_base_ci95'])})",
-        'met': zero['ratio_to_base'] <= TARGET_ENDS,
-    })
-    # Host: one executable per branch taken (2 when both occur), cond: one.
-    host = {r['config']: r['compilations'] for r in result['rows']
-            if r['mode'] == 'host'}
-    host_ok = all(
-        r['compilations'] == (2 if 0 < r['sam_fraction'] < 1 else 1)
-        for r in result['rows'] if r['mode'] == 'host')
-    cond = {r['compilations'] for r in result['rows'] if r['mode'] == 'cond'}
-    checks.append({
-        'model': result['model'],
-        'target': 'compilations: host 2 when both branches occur (1 when one '
-                  'does), cond 1',
-        'measured': f'host {host}, cond {sorted(cond)}',
-        'met': host_ok and cond == {1},
-    })
+    checks += mixture_goals(result, mode)
+    checks += end_goals(result, mode)
+    checks.append(compilation_goal(result))
+    checks += compile_goals(result)
   return checks
 
 
-def machine() -> dict[str, Any]:
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f
-                 if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return {
-      'cpu': cpu, 'cores': os.cpu_count(), 'backend': jax.default_backend(),
-      'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
-      'jaxlib': jaxlib.__version__, 'optax': optax.__version__,
-      'flax': flax.__version__, 'python': platform.python_version(),
-  }
-
-
-def print_table(result: dict[str, Any]) -> None:
-  print(f"\n{result['model']} ({result['parameters']:,} parameters, "
-        f"{result['rounds']} rounds of {result['steps_per_round']} steps)")
-  print(f"{'config':<12} {'ms/step':>9} {'SAM frac':>8} {'/mixture':>8} "
-        f"{'(95% CI)':>13} "
-        f"{'/mix+dec':>8} {'/base':>7} {'/SAM':>7} {'compiles':>8}")
+def markdown_rows(result: dict[str, Any]) -> str:
+  """The step-cost table of one model, in Markdown."""
+  lines = [f"**{result['model']}** ({result['parameters']:,} parameters, "
+           f"{result['dtype']}, batch {result['batch_size']}; "
+           f"{result['rounds']} rounds of {result['steps_per_round']} steps)",
+           '',
+           '| config | ms/step | SAM fraction | / mixture (95% CI) | / mixture '
+           '+ decisions | / base | / SAM opaque | compilations |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
   for r in result['rows']:
-    print(f"{r['config']:<12} {r['ms_per_step']:9.3f} {r['sam_fraction']:8.2f} "
-          f"{r['ratio_to_mixture']:8.3f} "
-          f"({r['ratio_ci95'][0]:5.3f}-{r['ratio_ci95'][1]:5.3f}) "
-          f"{r['ratio_to_mixture_amortized']:8.3f} "
-          f"{r['ratio_to_base']:7.3f} "
-          f"{r['ratio_to_sam_opaque']:7.3f} {r['compilations']:8d}")
+    amortized = (f"{r['ratio_to_mixture_amortized']:.3f}"
+                 if r['mode'] == 'host' else '–')
+    lines.append(
+        f"| {r['config']} | {r['ms_per_step']:.3f} | {r['sam_fraction']:.2f} "
+        f"| {r['ratio_to_mixture']:.3f} ({_ci(r['ratio_ci95'])}) "
+        f"| {amortized} | {r['ratio_to_base']:.3f} "
+        f"| {r['ratio_to_sam_opaque']:.3f} | {r['compilations']} |")
+  return '\n'.join(lines)
+
+
+def _mib(n) -> str:
+  return '–' if n is None else f'{n / 2**20:.2f}'
+
+
+def markdown_compile(result: dict[str, Any]) -> str:
+  """The compile-time and memory table of one model, in Markdown."""
+  lines = [f"**{result['model']}** ({result['dtype']}, batch "
+           f"{result['batch_size']}; median of {result['compile'][0]['repeats']}"
+           ' compilations)', '',
+           '| step | executables | trace + lower s | compile s | total s | '
+           'temp MiB | argument MiB | output MiB |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|']
+  for r in result['compile']:
+    mem = r['memory_bytes']
+    lines.append(
+        f"| {r['config']} | {r['executables']} | {r['trace_s']:.3f} "
+        f"| {r['compile_s']:.3f} | {r['total_s']:.3f} | {_mib(mem['temp'])} "
+        f"| {_mib(mem['argument'])} | {_mib(mem['output'])} |")
+  return '\n'.join(lines)
+
+
+def print_goals(checks: list[dict[str, Any]]) -> None:
+  print(f'\ngoals (recommended dispatch here: '
+        f'{rst_optax.recommended_dispatch()})')
+  for check in checks:
+    print(f"  [{'met' if check['met'] else 'MISSED'}] {check['model']}: "
+          f"{check['goal']}: {check['measured']}")
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
@@ -425,9 +575,10 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
       for mode, style in (('cond', '--o'), ('host', '-s')):
         rows = [r for r in result['rows'] if r['mode'] == mode]
         ax.plot([r['p'] for r in rows], [r['ratio_to_mixture'] for r in rows],
-                style, color=color, label=f"{result['model']}, {mode}")
-    ax.axhline(TARGET_MIXTURE, color='gray', lw=0.8, ls=':',
-               label=f'target {TARGET_MIXTURE}')
+                style, color=color,
+                label=f"{result['model']} {result['dtype']}, {mode}")
+    ax.axhline(GOAL_MIXTURE, color='gray', lw=0.8, ls=':',
+               label=f'goal {GOAL_MIXTURE}')
     ax.axhline(1.0, color='gray', lw=0.5)
     ax.set_xlabel('p (probability of a SAM step)')
     if zoom:
@@ -444,6 +595,45 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
       ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def machine_at_start() -> dict[str, Any]:
+  """The machine and its load average now, also printed."""
+  info = machine()
+  info['load_average_start'] = os.getloadavg()
+  print(f"{info['device']} ({info['backend']}), {info['cpu']}, "
+        f"{info['cores']} cores, jax {info['jax']}; load average "
+        f"{info['load_average_start']}")
+  return info
+
+
+def write_report(path: str, info, start: float, args,
+                 **fields: Any) -> dict[str, Any]:
+  """Adds the load average now and the total time; writes the JSON report."""
+  info['load_average_end'] = os.getloadavg()
+  total = time.perf_counter() - start
+  print(f"\nload average at the end {info['load_average_end']}; total "
+        f'{total:.0f} s')
+  report = {'machine': info,
+            'settings': {k: v for k, v in vars(args).items() if k != 'out'},
+            **fields, 'total_s': total}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=1)
+  return report
+
+
+def add_timing_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags that step_cost shares with the other timing scripts."""
+  parser.add_argument('--warmup', type=int, default=3,
+                      help='untimed rounds after compilation')
+  parser.add_argument('--batch-size', type=int, default=128)
+  parser.add_argument('--seed', type=int, default=0,
+                      help='seed of the interleaving order')
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), 'results'),
+                      help='folder for the results')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -455,68 +645,55 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--rounds', type=int, default=0,
                       help='timed rounds, the medians are over them '
                            '(0: per model, 200 for mlp, 60 for cnn)')
-  parser.add_argument('--warmup', type=int, default=3,
-                      help='untimed rounds after compilation')
   parser.add_argument('--steps', type=int, default=0,
                       help='steps per configuration per round '
                            '(0: per model, 10 for mlp, 5 for cnn)')
-  parser.add_argument('--batch-size', type=int, default=128)
-  parser.add_argument('--seed', type=int, default=0,
-                      help='seed of the interleaving order')
-  parser.add_argument('--out', default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), 'results'))
+  parser.add_argument('--dtype', default='float32',
+                      choices=('float32', 'bfloat16'),
+                      help='compute type (parameters stay float32)')
+  add_timing_flags(parser)
+  parser.add_argument('--compile-repeats', type=int, default=3,
+                      help='compilations per step for the compile-time table '
+                           '(median); 0: no table')
   args = parser.parse_args(argv)
   args.models = args.models.split(',')
   unknown = [m for m in args.models if m not in MODELS]
   if unknown:
     parser.error(f'--models: unknown {unknown}; choose from {list(MODELS)}')
   args.probs = [float(p) for p in args.probs.split(',')]
-  if not all(0 <= p <= 1 for p in args.probs) or 0 not in args.probs or (
-      1 not in args.probs):
-    parser.error('--probs: values in [0, 1], including 0 and 1')
-  if args.rounds < 0 or args.warmup < 0 or args.steps < 0:
-    parser.error('--rounds, --warmup and --steps must be >= 0')
+  if not args.probs or not all(0 <= p <= 1 for p in args.probs):
+    parser.error('--probs: one or more values in [0, 1]')
+  if min(args.rounds, args.warmup, args.steps, args.compile_repeats) < 0:
+    parser.error('--rounds, --warmup, --steps and --compile-repeats must be '
+                 '>= 0')
   return args
 
 
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   start = time.perf_counter()
-  info = machine()
-  info['load_average_start'] = os.getloadavg()
-  print(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']} "
-        f"({info['backend']}); load average {info['load_average_start']}")
+  info = machine_at_start()
   rng = np.random.default_rng(args.seed)
   chunk_s = decision_cost()
   print(f'host decisions: {1e3 * chunk_s:.2f} ms per chunk of 4096 steps '
         f'(rst_optax.decisions), {1e6 * chunk_s / 4096:.1f} us per step '
         'amortized; no chunk boundary falls in a timed window, so the column '
-        '/mix+dec adds it to the host rows')
+        '/ mixture + decisions adds it to the host rows')
   results = []
   for name in args.models:
-    results.append(bench_model(name, args, rng, chunk_s / 4096))
-    print_table(results[-1])
-  checks = targets(results)
-  print(f'\ntargets (recommended dispatch here: '
-        f'{rst_optax.recommended_dispatch()})')
-  for check in checks:
-    print(f"  [{'met' if check['met'] else 'MISSED'}] {check['model']}: "
-          f"{check['target']}: {check['measured']}")
-  info['load_average_end'] = os.getloadavg()
-  total = time.perf_counter() - start
-  print(f"\nload average at the end {info['load_average_end']}; "
-        f'total {total:.0f} s')
-  report = {
-      'machine': info,
-      'settings': {k: v for k, v in vars(args).items() if k != 'out'},
-      'mixture': '(1 - f) T_base + f T_sam per round; T_sam = rst p=1 '
-                 '(Python constant, no cond); f = SAM fraction of the window',
-      'decisions_chunk_ms': 1e3 * chunk_s,
-      'results': results, 'targets': checks, 'total_s': total,
-  }
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'step_cost.json'), 'w') as f:
-    json.dump(report, f, indent=1)
+    spec = MODELS[name]._replace(steps=args.steps or MODELS[name].steps,
+                                 rounds=args.rounds or MODELS[name].rounds)
+    results.append(bench_model(spec, args, rng, chunk_s / 4096))
+    print('\n' + markdown_rows(results[-1]))
+    if 'compile' in results[-1]:
+      print('\n' + markdown_compile(results[-1]))
+  checks = goals(results)
+  print_goals(checks)
+  report = write_report(
+      os.path.join(args.out, 'step_cost.json'), info, start, args,
+      mixture='(1 - f) T_base + f T_sam per round; T_sam = rst p=1 (Python '
+      'constant, no cond); f = SAM fraction of the window',
+      decisions_chunk_ms=1e3 * chunk_s, results=results, goals=checks)
   plot(results, os.path.join(args.out, 'step_cost.png'))
   return report
 

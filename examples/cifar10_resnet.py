@@ -58,9 +58,9 @@ def parse_args(argv=None):
   parser.add_argument('--p', type=float, default=0.5,
                       help='mean probability of a SAM step (rst, grst)')
   parser.add_argument('--schedule', default='constant',
-                      choices=('constant', 'piecewise', 'linear',
-                               'trigonometric'),
-                      help='family of p(t) with mean --p')
+                      choices=schedules.FAMILIES,
+                      help='family of p(t) with mean --p '
+                      '(rst_optax.schedules.family)')
   parser.add_argument('--rho', type=float, default=0.05)
   parser.add_argument('--lam', type=float, default=None,
                       help='G-RST weight (default: matching_lam, 1 / mean p)')
@@ -156,15 +156,20 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-  """ResNet-18, CIFAR variant: 3x3 stem, no max-pool, four stages of 2 blocks."""
+  """ResNet-18, CIFAR variant: 3x3 stem, no max-pool, four stages of 2 blocks.
+
+  ``stages`` below 4 keeps only the first stages (a smaller net of the same
+  kind, for quick tests); ``width`` is the channels of the first stage.
+  """
   num_classes: int = 10
   width: int = 64
+  stages: int = 4
 
   @nn.compact
   def __call__(self, x, train):
     x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-    for stage in range(4):
+    for stage in range(self.stages):
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.width * 2**stage, strides)(x, train)
@@ -197,15 +202,7 @@ def make_tx(args, total_steps):
     return optax.with_extra_args_support(base), None
   if args.method == 'sam':
     return rst_optax.rst(base, 1.0, rho=args.rho, seed=args.seed), 1.0
-  p = args.p
-  low, high = max(0.0, 2 * p - 1), min(1.0, 2 * p)
-  schedule = {
-      'constant': lambda: schedules.constant(p),
-      'piecewise': lambda: schedules.piecewise(
-          0.0, 1.0, round((1 - p) * total_steps)),
-      'linear': lambda: schedules.linear(low, high, total_steps),
-      'trigonometric': lambda: schedules.trigonometric(low, high, total_steps),
-  }[args.schedule]()
+  schedule = schedules.family(args.schedule, args.p, total_steps)
   lam = 1.0
   if args.method == 'grst':
     lam = (args.lam if args.lam is not None
@@ -283,7 +280,7 @@ def main(argv=None):
       apply_fn=model.apply, params=variables['params'],
       batch_stats=variables['batch_stats'], tx=tx)
   if schedule is not None and dispatch == 'host':
-    step = rst_optax.HostDispatch(train_step, schedule, args.seed)
+    step = rst_optax.HostDispatch(train_step, tx)
   else:
     step = jax.jit(train_step)
   x, y = jnp.asarray(data['x_train']), jnp.asarray(data['y_train'])
@@ -294,7 +291,9 @@ def main(argv=None):
 
   rng = np.random.default_rng(args.seed)
   history, t, start = [], 0, time.perf_counter()
-  progress = tqdm(total=run_steps, unit='step', disable=args.no_progress)
+  # disable=None: no bar when the output is not a terminal (a log, CI).
+  progress = tqdm(total=run_steps, unit='step',
+                  disable=True if args.no_progress else None)
   while t < run_steps:
     order = rng.permutation(n_train)
     for i in range(steps_per_epoch):

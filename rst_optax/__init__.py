@@ -1,8 +1,9 @@
 """rst_optax: Randomized Sharpness-Aware Training (RST, G-RST) for Optax."""
 
-from rst_optax import schedules
-from rst_optax._coin import coin, decisions
-from rst_optax._dispatch import HostDispatch, iter_decisions, recommended_dispatch
+from rst_optax import schedules, sharpness
+from rst_optax._coin import coin
+from rst_optax._decisions import decisions, iter_decisions
+from rst_optax._dispatch import HostDispatch, recommended_dispatch
 from rst_optax._rst import RSTState, rst
 
 __version__ = '0.1.0'
@@ -16,4 +17,5 @@ __all__ = [
     'recommended_dispatch',
     'rst',
     'schedules',
+    'sharpness',
 ]

@@ -14,27 +14,31 @@ Either way the second (perturbed) pass runs on a copy of the model state and
 its side effects (BatchNorm running statistics, RNG counters) are dropped: the
 running statistics are those of the first, unperturbed pass, as in SAM.
 
-References:
-  Zhao, Zhang & Hu, `Randomized Sharpness-Aware Training for Boosting
-  Computational Efficiency in Deep Learning
-  <https://arxiv.org/abs/2203.09962>`_, 2022.
-
-  Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
-  Generalization <https://arxiv.org/abs/2010.01412>`_, 2021.
+The references of the method are listed under :func:`rst_optax.rst`.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
-from flax import nnx
-from flax.training import train_state
 
-GradFn = Callable[[optax.Params], optax.Updates]
+try:
+  from flax import nnx
+  from flax.training import train_state
+except ImportError as error:
+  raise ImportError(
+      'rst_optax.flax_utils needs Flax, which is not installed; install it '
+      'with: pip install "rst_optax[flax]"') from error
+
+from rst_optax._types import GradFn
 
 __all__ = ['TrainState', 'linen_grad_fn', 'nnx_grad_fn']
+
+# Variables -> their values: `nnx.as_pure` from Flax 0.12.7, `nnx.pure` before.
+_as_pure = getattr(nnx, 'as_pure', None) or nnx.pure
 
 
 def nnx_grad_fn(
@@ -86,16 +90,19 @@ def nnx_grad_fn(
     >>> _ = optimizer.update(model, grads, grad_fn=grad_fn)
     >>> int(optimizer.opt_state.count[...])
     1
-
-  References:
-    Zhao, Zhang & Hu, `Randomized Sharpness-Aware Training for Boosting
-    Computational Efficiency in Deep Learning
-    <https://arxiv.org/abs/2203.09962>`_, 2022.
   """
-  graphdef, _, rest = nnx.split(model, wrt, ...)
-  rest = nnx.as_pure(rest)  # arrays, a snapshot of the state before the pass
+  graphdef, trained, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
+  rest = _as_pure(rest)  # arrays, a snapshot of the state before the pass
+  expected = jax.tree.structure(_as_pure(trained))
 
   def loss_of_params(params):
+    got = jax.tree.structure(_as_pure(params))
+    if got != expected:
+      raise ValueError(
+          'nnx_grad_fn: grad_fn was given parameters that are not the '
+          "model's `wrt` variables: pass nnx_grad_fn the same `wrt` as "
+          f'nnx.Optimizer(..., wrt=...). `wrt`={wrt!r} selects '
+          f'{_paths(trained)}; grad_fn got {_paths(params)}.')
     copy = nnx.merge(graphdef, params, rest, copy=True)
     return loss_fn(copy, *args, **kwargs)
 
@@ -103,6 +110,14 @@ def nnx_grad_fn(
   if has_aux:
     return lambda params: grad(params)[0]
   return grad
+
+
+def _paths(state: Any) -> str:
+  """The paths of a state's leaves, for messages."""
+  paths = [jax.tree_util.keystr(path, simple=True, separator='/') for path, _
+           in jax.tree_util.tree_flatten_with_path(_as_pure(state))[0]]
+  shown = ', '.join(paths[:8]) + (', ...' if len(paths) > 8 else '')
+  return f'{len(paths)} arrays ({shown})'
 
 
 def linen_grad_fn(
@@ -149,11 +164,6 @@ def linen_grad_fn(
     ...     grads=grads, grad_fn=flax_utils.linen_grad_fn(loss_fn, x, y))
     >>> int(state.step)
     1
-
-  References:
-    Zhao, Zhang & Hu, `Randomized Sharpness-Aware Training for Boosting
-    Computational Efficiency in Deep Learning
-    <https://arxiv.org/abs/2203.09962>`_, 2022.
   """
   grad = jax.grad(loss_fn, has_aux=has_aux)
 
@@ -208,11 +218,6 @@ class TrainState(train_state.TrainState):
     ...     grads=grads, grad_fn=grad_fn, batch_stats=updates['batch_stats'])
     >>> int(state.opt_state.sam_steps)
     1
-
-  References:
-    Zhao, Zhang & Hu, `Randomized Sharpness-Aware Training for Boosting
-    Computational Efficiency in Deep Learning
-    <https://arxiv.org/abs/2203.09962>`_, 2022.
   """
 
   batch_stats: Any = None
@@ -232,18 +237,14 @@ class TrainState(train_state.TrainState):
     fields = {field.name for field in dataclasses.fields(self)}
     replace = {k: v for k, v in kwargs.items() if k in fields}
     extra_args = {k: v for k, v in kwargs.items() if k not in fields}
-    owg = train_state.OVERWRITE_WITH_GRADIENT
-    has_owg = owg in grads
-    grads_with_opt = grads['params'] if has_owg else grads
-    params_with_opt = self.params['params'] if has_owg else self.params
-    updates, new_opt_state = self.tx.update(
-        grads_with_opt, self.opt_state, params_with_opt, **extra_args)
-    new_params = optax.apply_updates(params_with_opt, updates)
-    if has_owg:
-      new_params = {'params': new_params, owg: grads[owg]}
-    return self.replace(
-        step=self.step + 1,
-        params=new_params,
-        opt_state=new_opt_state,
-        **replace,
-    )
+    if not extra_args:
+      return super().apply_gradients(grads=grads, **replace)
+    # Flax's apply_gradients calls tx.update(grads, opt_state, params) with
+    # no other argument: run it with a tx whose update has the extra
+    # arguments bound, then put the original tx back.
+    tx = self.tx
+    bound = optax.GradientTransformation(
+        tx.init, functools.partial(tx.update, **extra_args))
+    new = super(TrainState, self.replace(tx=bound)).apply_gradients(
+        grads=grads, **replace)
+    return new.replace(tx=tx)

@@ -11,18 +11,17 @@ References:
   <https://arxiv.org/abs/2203.09962>`_, 2022.
 """
 
-import math
-from numbers import Real
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rst_optax import _checks, _coin
+from rst_optax import _checks, _decisions
+from rst_optax._types import ScalarOrSchedule
 
 __all__ = [
+    'FAMILIES',
     'constant',
+    'family',
     'linear',
     'matching_lam',
     'mean_probability',
@@ -71,7 +70,7 @@ def piecewise(p_before: float, p_after: float, boundary: int) -> optax.Schedule:
   """
   before = _checks.probability('piecewise', 'p_before', p_before)
   after = _checks.probability('piecewise', 'p_after', p_after)
-  boundary = _checks.integer('piecewise', 'boundary', boundary, 0)
+  boundary = _checks.step('piecewise', 'boundary', boundary, 0)
   return optax.join_schedules(
       [optax.constant_schedule(before), optax.constant_schedule(after)],
       [boundary],
@@ -103,7 +102,7 @@ def linear(p_start: float, p_end: float, total_steps: int) -> optax.Schedule:
   return optax.linear_schedule(
       _checks.probability('linear', 'p_start', p_start),
       _checks.probability('linear', 'p_end', p_end),
-      _checks.integer('linear', 'total_steps', total_steps, 1),
+      _checks.step('linear', 'total_steps', total_steps, 1),
   )
 
 
@@ -135,7 +134,7 @@ def trigonometric(
   """
   start = _checks.probability('trigonometric', 'p_start', p_start)
   end = _checks.probability('trigonometric', 'p_end', p_end)
-  total = _checks.integer('trigonometric', 'total_steps', total_steps, 1)
+  total = _checks.step('trigonometric', 'total_steps', total_steps, 1)
 
   def schedule(count):
     frac = jnp.minimum(jnp.asarray(count, jnp.float32) / total, 1.0)
@@ -144,8 +143,60 @@ def trigonometric(
   return schedule
 
 
+#: The schedule families :func:`family` builds, by name.
+#: The names :func:`family` accepts.
+FAMILIES = ('constant', 'piecewise', 'linear', 'trigonometric')
+
+
+def family(name: str, mean_p: float, total_steps: int) -> optax.Schedule:
+  r"""The schedule of the family ``name`` whose mean over the run is ``mean_p``.
+
+  With :math:`P` = ``mean_p`` and :math:`T` = ``total_steps``:
+
+  - ``'constant'``: :math:`p(t) = P`.
+  - ``'piecewise'``: SGD then SAM, ``piecewise(0, 1, round((1 - P) T))``:
+    no SAM step, then a SAM step at every step of the last :math:`P` of the
+    run.
+  - ``'linear'``: ``linear(max(0, 2P - 1), min(1, 2P), T)``, the paper's
+    "linear increasing" schedule.
+  - ``'trigonometric'``: ``trigonometric(max(0, 2P - 1), min(1, 2P), T)``,
+    rising along a half cosine between the same ends.
+
+  Each has :func:`mean_probability` :math:`P` over ``[0, T)``, up to
+  :math:`1 / (2T)` from the discrete steps, so runs of different families
+  cost the same on average.
+
+  Args:
+    name: one of :data:`FAMILIES`.
+    mean_p: :math:`P`, the mean probability of a SAM step, in [0, 1].
+    total_steps: :math:`T`, the run's length, ``>= 1``.
+
+  Returns:
+    An ``optax.Schedule``.
+
+  Example:
+    >>> from rst_optax import schedules
+    >>> s = schedules.family('linear', 0.25, total_steps=1000)
+    >>> round(schedules.mean_probability(s, 1000), 3)
+    0.25
+  """
+  if not isinstance(name, str) or name not in FAMILIES:
+    raise ValueError(
+        f'family: `name` must be one of {FAMILIES}; got {name!r}.')
+  p = _checks.probability('family', 'mean_p', mean_p)
+  total = _checks.step('family', 'total_steps', total_steps, 1)
+  if name == 'constant':
+    return constant(p)
+  if name == 'piecewise':
+    return piecewise(0.0, 1.0, round((1.0 - p) * total))
+  low, high = max(0.0, 2.0 * p - 1.0), min(1.0, 2.0 * p)
+  if name == 'linear':
+    return linear(low, high, total)
+  return trigonometric(low, high, total)
+
+
 def mean_probability(
-    schedule: _coin.ScalarOrSchedule, total_steps: int
+    schedule: ScalarOrSchedule, total_steps: int
 ) -> float:
   r"""Mean SAM probability over steps ``[0, total_steps)``: the expected extra cost.
 
@@ -162,19 +213,29 @@ def mean_probability(
   Returns:
     :math:`\bar p` as a Python float.
 
+  Raises:
+    TypeError: if ``schedule`` is neither a number nor a callable returning a
+      real scalar.
+    ValueError: if it is a number outside [0, 1], or p(t) is NaN at a step.
+
   Example:
     >>> from rst_optax import schedules
     >>> round(schedules.mean_probability(schedules.linear(0., 1., 1000), 1000), 4)
     0.4995
   """
-  total = _checks.integer('mean_probability', 'total_steps', total_steps, 1)
-  steps = jnp.arange(total, dtype=jnp.int32)
-  probs = jax.vmap(lambda t: _coin.probability(schedule, t))(steps)
-  return float(np.mean(np.asarray(probs, dtype=np.float64)))
+  return _mean_probability('mean_probability', schedule, total_steps)
+
+
+def _mean_probability(fn: str, schedule, total_steps) -> float:
+  """:func:`mean_probability`, with errors raised in the name of ``fn``."""
+  _decisions.check_schedule(fn, schedule)
+  total = _checks.step(fn, 'total_steps', total_steps, 1)
+  probs = _decisions.probabilities(fn, schedule, total)
+  return float(np.mean(probs, dtype=np.float64))
 
 
 def matching_lam(
-    schedule: _coin.ScalarOrSchedule, total_steps: int, target: float = 1.0
+    schedule: ScalarOrSchedule, total_steps: int, target: float = 1.0
 ) -> float:
   r"""The G-RST weight :math:`\lambda` that matches ``target`` times SAM's strength.
 
@@ -194,17 +255,16 @@ def matching_lam(
     :math:`\lambda` as a Python float.
 
   Raises:
-    ValueError: if the schedule's mean probability is 0 (no SAM step at all).
+    ValueError: if the schedule's mean probability is 0 (no SAM step at all),
+      and as :func:`mean_probability` does.
 
   Example:
     >>> from rst_optax import schedules
     >>> schedules.matching_lam(0.5, total_steps=100)
     2.0
   """
-  if not (isinstance(target, Real) and math.isfinite(target) and target > 0):
-    raise ValueError(
-        f'matching_lam: `target` must be a finite number > 0; got {target!r}.')
-  mean_p = mean_probability(schedule, total_steps)
+  _checks.number('matching_lam', 'target', target, low=0.0, low_open=True)
+  mean_p = _mean_probability('matching_lam', schedule, total_steps)
   if mean_p <= 0.0:
     raise ValueError(
         'matching_lam: the schedule never takes a SAM step over '

@@ -41,8 +41,7 @@ def make_trainer(tx, mode, start):
   if mode == 'cond':
     jitted = jax.jit(train_step)
     return lambda params, state, t: jitted(params, state, x[t], y[t])
-  dispatch = rst_optax.HostDispatch(train_step, SCHEDULE, prob.SEED,
-                                    start=start)
+  dispatch = rst_optax.HostDispatch(train_step, tx, start=start, check_every=3)
 
   def host_step(params, state, t):
     assert dispatch.step == t

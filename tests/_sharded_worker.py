@@ -15,6 +15,9 @@ its final parameters and the branch each device took at each step:
 - ``smap_global`` / ``smap_local``: ``jax.shard_map`` (``check_vma=True``)
   with ``axis_name='data'`` and ``perturbation='global'`` / ``'local'``.
 - ``pmap_global``: ``jax.pmap`` with ``axis_name='data'``, if JAX offers it.
+- ``local4_static`` / ``local4_cond``: ``shard_map`` on 4 of the devices with
+  ``perturbation='local'`` at p = 1, the branch fixed when tracing
+  (``take_sam=True``, as host dispatch does) or drawn in a ``cond``.
 
 Every run saves ``NAME/params/KEY`` (the final parameters), ``NAME/replicas/
 KEY`` (each device's own copy, stacked on a leading axis) and ``NAME/flags``
@@ -29,6 +32,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+import rst_optax
 
 N_DEVICES = 8
 
@@ -68,32 +73,34 @@ def _run_jit(results, name, mesh, param_specs):
           np.asarray(flags)[:, None])
 
 
-def per_device_step(tx, perturbation, params, state, x, y):
+def per_device_step(tx, perturbation, params, state, x, y, take_sam=None):
   """One step on one device's shard of the batch, inside shard_map or pmap."""
   # At replicated params, jax.grad under shard_map (check_vma=True) would sum
   # the gradient over devices; at varying params it is this device's own.
   g = prob.grad(jax.lax.pcast(params, 'data', to='varying'), x, y)
   if perturbation == 'global':
     g = jax.lax.pmean(g, 'data')  # the first gradient, averaged by the user
-  updates, new_state = tx.update(g, state, params,
+  updates, new_state = tx.update(g, state, params, take_sam=take_sam,
                                  grad_fn=lambda p: prob.grad(p, x, y))
   return (optax.apply_updates(params, updates), new_state,
           prob.took_sam(state, new_state))
 
 
-def run_shard_map(results, name, mesh, perturbation):
+def run_shard_map(results, name, mesh, perturbation, tx=None,
+                  take_sam=None):
   """shard_map as a user writes it: replicated parameters and state in and out.
 
   A replicated array keeps one buffer per device, so each device carries its
   own replica from step to step; the replicas and the branch each device took
   are also returned stacked along ``data`` (``P('data')``) to compare them.
   """
-  tx = prob.make_tx(axis_name='data', perturbation=perturbation)
+  if tx is None:
+    tx = prob.make_tx(axis_name='data', perturbation=perturbation)
   x, y = prob.make_data()
 
   def body(params, state, xb, yb):
     params, state, took = per_device_step(tx, perturbation, params, state,
-                                          xb, yb)
+                                          xb, yb, take_sam)
     stacked = jax.tree.map(lambda a: a[None], params)
     return params, state, stacked, took[None]
 
@@ -127,6 +134,21 @@ def run_pmap(results, name):
   _record(results, name, {k: v[0] for k, v in params.items()}, params, flags)
 
 
+def run_local_static_and_cond(results):
+  """m-sharpness at p = 1 on 4 devices: the SAM branch fixed when tracing
+  (``take_sam=True``) and the one a ``cond`` picks must be the same step."""
+  auto = jax.sharding.AxisType.Auto
+  mesh = jax.make_mesh((4,), ('data',), axis_types=(auto,),
+                       devices=jax.devices()[:4])
+  static = prob.make_tx(axis_name='data', perturbation='local')
+  cond = rst_optax.rst(optax.sgd(0.1, momentum=0.9),
+                       schedule=optax.constant_schedule(1.0), rho=prob.RHO,
+                       lam=prob.LAM, seed=prob.SEED, axis_name='data',
+                       perturbation='local')
+  run_shard_map(results, 'local4_static', mesh, 'local', static, True)
+  run_shard_map(results, 'local4_cond', mesh, 'local', cond)
+
+
 def main(out_path):
   assert jax.device_count() == N_DEVICES, jax.devices()
   results = {}
@@ -143,6 +165,7 @@ def main(out_path):
     run_shard_map(results, f'smap_{perturbation}', data, perturbation)
   if hasattr(jax, 'pmap'):
     run_pmap(results, 'pmap_global')
+  run_local_static_and_cond(results)
   np.savez(out_path, **results)
 
 

@@ -60,6 +60,8 @@ class CallLog:
     return self.calls
 
 
+@pytest.mark.skipif(not hasattr(optax, 'microbatch'),
+                    reason='optax.microbatch first appeared in Optax 0.2.7')
 def test_microbatch_recipe_equals_the_full_batch_step():
   x, y = prob.make_data(OUTER_STEPS)
   tx = make_rst()

@@ -1,6 +1,5 @@
 """The examples run end to end on tiny data, on CPU."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,24 +10,15 @@ import numpy as np
 import pytest
 
 import rst_optax
+from examples import cifar10_resnet, mnist1d_demo
 from rst_optax import schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_example(name):
-  """Imports examples/<name>.py without putting examples/ on sys.path."""
-  path = os.path.join(ROOT, 'examples', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'example_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_mnist1d_demo_runs_every_method_and_counts_passes(tmp_path, capsys):
-  demo = load_example('mnist1d')
   out = tmp_path / 'out'
-  result = demo.main([
+  result = mnist1d_demo.main([
       '--seeds', '1', '--epochs', '2', '--num-samples', '500',
       '--val-size', '100', '--batch-size', '50', '--out', str(out),
       '--compile-cache', 'none', '--no-progress'])
@@ -57,12 +47,17 @@ def test_mnist1d_demo_runs_every_method_and_counts_passes(tmp_path, capsys):
   assert '| G-RST |' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('family', ['constant', 'piecewise', 'linear',
-                                    'trigonometric'])
-def test_mnist1d_schedules_have_the_requested_mean(family):
-  demo = load_example('mnist1d')
-  schedule = demo.make_schedule(family, 0.5, total_steps=400)
-  assert schedules.mean_probability(schedule, 400) == pytest.approx(0.5, abs=2e-3)
+@pytest.mark.parametrize('family', schedules.FAMILIES)
+def test_mnist1d_demo_schedule_flag_gives_the_family_with_mean_p(family):
+  args = mnist1d_demo.parse_args(['--schedule', family, '--p', '0.25'])
+  tx, schedule, lam = mnist1d_demo.make_tx('grst', args, 400, seed=0)
+  assert schedules.mean_probability(schedule, 400) == pytest.approx(
+      0.25, abs=2e-3)
+  assert lam == pytest.approx(schedules.matching_lam(schedule, 400))
+  want = schedules.family(family, 0.25, 400)
+  steps = range(0, 400, 9)
+  np.testing.assert_allclose([schedule(t) for t in steps],
+                             [want(t) for t in steps])
 
 
 def test_cifar10_resnet_runs_a_few_steps_on_tiny_data(tmp_path):
@@ -96,6 +91,5 @@ def test_cifar10_resnet_runs_a_few_steps_on_tiny_data(tmp_path):
 
 
 def test_cifar10_resnet_says_how_to_get_missing_data(tmp_path):
-  example = load_example('cifar10_resnet')
   with pytest.raises(SystemExit, match='cifar-10-python.tar.gz'):
-    example.main(['--data', str(tmp_path / 'missing')])
+    cifar10_resnet.main(['--data', str(tmp_path / 'missing')])

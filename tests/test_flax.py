@@ -5,6 +5,10 @@ Each Flax step is checked against the same computation written in plain JAX
 running statistics, which must come from the first (unperturbed) pass only.
 """
 
+import subprocess
+import sys
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -116,7 +120,7 @@ def _arrays(state):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     return np.array(x)
-  return jax.tree.map(to_numpy, nnx.as_pure(state))
+  return jax.tree.map(to_numpy, flax_utils._as_pure(state))
 
 
 def nnx_train_step(model, optimizer, x, y, take_sam=None):
@@ -130,13 +134,17 @@ def test_nnx_training_equals_plain_jax(dispatch):
   model = NNXNet(nnx.Rngs(0))
   p0 = nnx_ref_params(model)
   stats0 = (model.bn.mean[...], model.bn.var[...])
-  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
-  step = nnx.jit(nnx_train_step, static_argnames='take_sam')
+  tx = make_tx()
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  if dispatch == 'host':
+    step = rst_optax.HostDispatch(nnx_train_step, tx, jit=nnx.jit,
+                                  check_every=2)
+  else:
+    step = nnx.jit(nnx_train_step)
   xs, ys = _batches()
   decisions = _decisions()
   for t in range(STEPS):
-    take_sam = bool(decisions[t]) if dispatch == 'host' else None
-    step(model, optimizer, xs[t], ys[t], take_sam=take_sam)
+    step(model, optimizer, xs[t], ys[t])
 
   p, (mean, var) = ref_run(p0, stats0, decisions)
   jax.tree.map(assert_close, nnx_ref_params(model), p)
@@ -168,14 +176,61 @@ def test_nnx_grad_fn_leaves_the_model_untouched_and_reuses_its_state():
   model = NNXNet(nnx.Rngs(2), dropout=0.5)
   xs, ys = _batches()
   grad_fn = flax_utils.nnx_grad_fn(nnx_loss, model, xs[0], ys[0])
-  grads = nnx.as_pure(nnx.grad(nnx_loss)(model, xs[0], ys[0]))  # first pass
+  grads = flax_utils._as_pure(nnx.grad(nnx_loss)(model, xs[0], ys[0]))  # first pass
   before = _arrays(nnx.state(model))
 
-  g_again = grad_fn(nnx.as_pure(nnx.state(model, nnx.Param)))
+  g_again = grad_fn(flax_utils._as_pure(nnx.state(model, nnx.Param)))
   # Same dropout mask as the first pass: at unperturbed params the two
   # gradients agree; a grad_fn reading the model's current RNG state would not.
   jax.tree.map(assert_close, g_again, grads)
   jax.tree.map(np.testing.assert_array_equal, _arrays(nnx.state(model)), before)
+
+
+def test_nnx_grad_fn_with_aux_is_the_gradient_without_aux():
+  model = NNXNet(nnx.Rngs(3))
+  xs, ys = _batches()
+  params = flax_utils._as_pure(nnx.state(model, nnx.Param))
+  plain = flax_utils.nnx_grad_fn(nnx_loss, model, xs[0], ys[0])(params)
+  with_aux = flax_utils.nnx_grad_fn(
+      lambda m, x, y: (nnx_loss(m, x, y), {'aux': jnp.ones(3)}), model, xs[0],
+      ys[0], has_aux=True)(params)
+  chex.assert_trees_all_equal(with_aux, plain)
+
+
+def test_linen_grad_fn_with_aux_is_the_gradient_without_aux():
+  params = {'w': jnp.array([1.0, -2.0])}
+  loss = lambda p, x: jnp.sum(p['w'] ** 2 * x)
+  plain = flax_utils.linen_grad_fn(loss, 3.0)(params)
+  with_aux = flax_utils.linen_grad_fn(
+      lambda p, x: (loss(p, x), jnp.zeros(4)), 3.0, has_aux=True)(params)
+  chex.assert_trees_all_equal(with_aux, plain)
+  np.testing.assert_array_equal(plain['w'], [6.0, -12.0])
+
+
+def test_nnx_grad_fn_with_another_wrt_than_the_optimizer_says_so():
+  model = NNXNet(nnx.Rngs(4))
+  optimizer = nnx.Optimizer(model, make_tx(schedule=1.0), wrt=nnx.Param)
+  xs, ys = _batches()
+  grads = nnx.grad(nnx_loss)(model, xs[0], ys[0])
+  grad_fn = flax_utils.nnx_grad_fn(nnx_loss, model, xs[0], ys[0],
+                                   wrt=nnx.Variable)
+  with pytest.raises(ValueError, match=r'nnx_grad_fn: .*same `wrt` as '
+                     r'nnx.Optimizer'):
+    optimizer.update(model, grads, grad_fn=grad_fn)
+
+
+def test_flax_utils_without_flax_says_how_to_install_it():
+  code = (
+      'import sys\n'
+      "sys.modules['flax'] = None\n"
+      'import rst_optax\n'  # The core does not need Flax.
+      'try:\n'
+      '  import rst_optax.flax_utils\n'
+      'except ImportError as e:\n'
+      '  print(e)\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, timeout=120, check=True).stdout
+  assert 'pip install "rst_optax[flax]"' in out
 
 
 # Linen.
@@ -229,12 +284,14 @@ def linen_ref_stats(batch_stats):
 def test_linen_training_equals_plain_jax(dispatch):
   state = linen_state()
   p0, stats0 = linen_ref_params(state.params), linen_ref_stats(state.batch_stats)
-  step = jax.jit(linen_train_step, static_argnames='take_sam')
+  if dispatch == 'host':
+    step = rst_optax.HostDispatch(linen_train_step, state.tx, check_every=2)
+  else:
+    step = jax.jit(linen_train_step)
   xs, ys = _batches()
   decisions = _decisions()
   for t in range(STEPS):
-    take_sam = bool(decisions[t]) if dispatch == 'host' else None
-    state = step(state, xs[t], ys[t], take_sam=take_sam)
+    state = step(state, xs[t], ys[t])
 
   p, (mean, var) = ref_run(p0, stats0, decisions)
   jax.tree.map(assert_close, linen_ref_params(state.params), p)
@@ -272,3 +329,6 @@ def test_linen_train_state_forwards_extra_args_and_replaces_fields():
   np.testing.assert_array_equal(new.params['w'], [-2.0, -5.0])
   assert new.batch_stats == {'m': 5.0}
   assert int(new.step) == 1
+  assert new.tx is tx  # Given back as it was, to be called again.
+  again = new.apply_gradients(grads={'w': jnp.array([1.0, 1.0])}, scale=1.0)
+  np.testing.assert_array_equal(again.params['w'], [-3.0, -6.0])

@@ -16,11 +16,13 @@ Behaviour under test (documented in ``rst``'s docstring and the README):
 import functools
 
 import _dist_problem as prob
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _jaxpr import gradient_conds
 
 import rst_optax
 
@@ -257,5 +259,133 @@ def test_vmap_batched_coin_becomes_select_shared_coin_stays_cond():
       jax.tree.map(lambda a: jnp.stack([a, a]), states[0]), x[0], y[0])
   shared_coin = jax.make_jaxpr(jax.vmap(step, in_axes=(None, None, 0, 0)))(
       params, states[0], x[:2], y[:2])
-  assert 'cond[' not in str(batched_coin) and 'select_n' in str(batched_coin)
-  assert 'cond[' in str(shared_coin)
+  assert gradient_conds(batched_coin) == 0 and 'select_n' in str(batched_coin)
+  assert gradient_conds(shared_coin) == 1
+
+
+# --- precision -----------------------------------------------------------------
+
+@pytest.mark.parametrize('lam', [1.0, 0.3, 1.7, -0.45])
+@pytest.mark.parametrize('rho', [0.0, optax.constant_schedule(0.0)],
+                         ids=['python', 'schedule'])
+def test_rho_zero_gives_exactly_the_base_direction_at_any_lam(rho, lam):
+  rng = np.random.default_rng(0)
+  params = {k: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+            for k, shape in (('w', (64,)), ('b', (3, 5)))}
+  g = quadratic_grad(params)
+  tx = rst_optax.rst(optax.identity(), schedule=1.0, rho=rho, lam=lam)
+  direction, _ = jax.jit(lambda s: tx.update(g, s, params,
+                                             grad_fn=quadratic_grad))(
+      tx.init(params))
+  chex.assert_trees_all_equal(direction, g)
+
+
+def test_float64_parameters_are_perturbed_in_float64():
+  """Under jax_enable_x64, float64 parameters, rho and lam stay float64:
+  the step matches a float64 hand computation to float64 rounding, and
+  rho = 0 gives the base direction bit for bit."""
+  rho, lam = 0.1 + 1e-12, 1.5 + 1e-11  # not representable in float32
+  with jax.enable_x64(True):
+    params = {'w': jnp.linspace(-1.0, 2.0, 5, dtype=jnp.float64),
+              'b': jnp.asarray([0.5, -0.25], jnp.float64)}
+    g = {k: np.asarray(quadratic_grad(params)[k]) + 1e-9 for k in params}
+    seen = []
+
+    def grad_fn(p):
+      seen.append(p)
+      return quadratic_grad(p)
+
+    tx = rst_optax.rst(optax.identity(), schedule=1.0, rho=rho, lam=lam)
+    d, _ = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
+    zero = rst_optax.rst(optax.identity(), schedule=1.0, rho=0.0, lam=lam)
+    g_exact = quadratic_grad(params)
+    d_zero, _ = zero.update(g_exact, zero.init(params), params,
+                            grad_fn=quadratic_grad)
+  w64 = {k: np.asarray(v) for k, v in params.items()}
+  norm = np.sqrt(sum(np.sum(g[k] ** 2) for k in g))
+  perturbed = {k: w64[k] + rho * g[k] / norm for k in w64}
+  want = {k: g[k] + lam * (2.0 * (perturbed[k] - 1.0) - g[k]) for k in g}
+  for k in params:
+    assert seen[0][k].dtype == d[k].dtype == d_zero[k].dtype == np.float64
+  chex.assert_trees_all_close(seen[0], perturbed, rtol=1e-13, atol=1e-14)
+  chex.assert_trees_all_close(d, want, rtol=1e-13, atol=1e-15)
+  chex.assert_trees_all_equal(d_zero, g_exact)
+
+
+# --- the gradient norm never overflows ------------------------------------------
+
+@pytest.mark.parametrize('big', [1e20, 1e30, 3e38])
+@pytest.mark.parametrize('dispatch', ['cond', 'host'])
+def test_huge_finite_gradient_takes_its_sam_step(big, dispatch):
+  """Entries whose float32 squares overflow: the scaled norm still gives
+  the exact perturbation, and the SAM gradient reaches the updates."""
+  params = small_params()
+  g = {'w': jnp.asarray([big, -big, 0.0, big / 2, 1.0], jnp.float32),
+       'b': jnp.asarray([-big, 3.0, big / 4], jnp.float32)}
+  assert not np.isfinite(np.sum(np.square(g['w'])))  # the float32 trap
+  seen = []
+
+  def grad_fn(p):
+    seen.append(p)
+    return jax.tree.map(lambda w: w - 1.0, p)
+
+  rho = 0.3
+  tx, take_sam = make_tx(dispatch, optax.identity(), rho=rho, lam=1.0)
+  d, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn,
+                       take_sam=take_sam)
+  g64 = {k: np.asarray(v, np.float64) for k, v in g.items()}
+  norm = np.sqrt(sum(np.sum(a ** 2) for a in g64.values()))
+  want = {k: np.asarray(params[k], np.float64) + rho * g64[k] / norm
+          for k in g64}
+  if dispatch == 'host':  # seen holds concrete arrays only here
+    chex.assert_trees_all_close(seen[0], want, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(d, {k: want[k] - 1.0 for k in want}, rtol=1e-6,
+                              atol=1e-6)
+  assert int(state.sam_steps) == 1
+
+
+def test_huge_asam_product_takes_its_sam_step():
+  """|w| g overflows float32 (1e20 * 1e20); the ASAM step is still exact."""
+  params = {'w': jnp.asarray([1e20, -2e20, 0.0, 1.0], jnp.float32)}
+  g = {'w': jnp.asarray([1e20, 1e19, 5.0, -1e20], jnp.float32)}
+  assert not np.isfinite(np.float32(1e20) * np.float32(1e20))
+  seen = []
+
+  def grad_fn(p):
+    seen.append(p)
+    return p
+
+  rho, eta = 1e-3, 0.01
+  tx = rst_optax.rst(optax.identity(), schedule=1.0, rho=rho, adaptive=True,
+                     eta=eta)
+  d, _ = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
+  w64, g64 = (np.asarray(t['w'], np.float64) for t in (params, g))
+  s = np.abs(w64) + eta
+  want = w64 + rho * s ** 2 * g64 / np.sqrt(np.sum((s * g64) ** 2))
+  chex.assert_trees_all_close(seen[0]['w'], want, rtol=1e-6, atol=1e-30)
+  assert np.isfinite(d['w']).all()
+
+
+# --- values from schedules that construction cannot check ------------------------
+
+@pytest.mark.parametrize('rho', [lambda t: -0.5, lambda t: jnp.nan,
+                                 lambda t: -jnp.inf],
+                         ids=['negative', 'nan', '-inf'])
+@pytest.mark.parametrize('dispatch', ['cond', 'host'])
+def test_negative_or_nan_rho_from_a_schedule_is_taken_as_zero(rho, dispatch):
+  params = small_params()
+  g = quadratic_grad(params)
+  calls = []
+
+  def grad_fn(p):
+    jax.debug.callback(lambda *leaves: calls.append(leaves),
+                       *jax.tree.leaves(p))
+    return quadratic_grad(p)
+
+  tx, take_sam = make_tx(dispatch, optax.identity(), rho=rho)
+  d, state = jax.jit(lambda s: tx.update(g, s, params, grad_fn=grad_fn,
+                                         take_sam=take_sam))(tx.init(params))
+  jax.effects_barrier()
+  chex.assert_trees_all_equal(list(calls[0]), jax.tree.leaves(params))
+  chex.assert_trees_all_equal(d, g)  # g_sam = g, and g + lam (g - g) = g
+  assert int(state.sam_steps) == 1

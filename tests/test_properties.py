@@ -45,25 +45,30 @@ def quadratic_grad_fn(c):
 
 @PROPERTY
 @given(problem=problems(), rho=st.floats(1e-3, 10.0), lam=st.floats(-1.0, 3.0),
-       adaptive=st.booleans())
-def test_sam_branch_is_the_g_rst_formula(problem, rho, lam, adaptive):
+       adaptive=st.booleans(), eta=st.sampled_from([0.0, 0.01, 0.5]))
+def test_sam_branch_is_the_g_rst_formula(problem, rho, lam, adaptive, eta):
   r"""d = (1 - lam) g + lam * grad_fn(w + e), e = rho g / ||g|| (ASAM:
-  rho |w|^2 g / || |w| g ||), against float64 to the dtype's rounding."""
+  rho s^2 g / ||s g||, s = |w| + eta), against float64 to the dtype's
+  rounding."""
   params, g, c, dtype = problem
   tx = rst_optax.rst(optax.identity(), schedule=1.0, rho=rho, lam=lam,
-                     adaptive=adaptive)
+                     adaptive=adaptive, eta=eta)
   d, state = tx.update(g, tx.init(params), params,
                        grad_fn=quadratic_grad_fn(c))
   w64, g64, c64 = as64(params), as64(g), as64(c)
-  scale = {k: np.abs(w64[k]) if adaptive else 1.0 for k in w64}
+  scale = {k: np.abs(w64[k]) + eta if adaptive else 1.0 for k in w64}
   norm = np.sqrt(sum(np.sum((scale[k] * g64[k]) ** 2) for k in g64))
   eps = float(jnp.finfo(dtype).eps)
   for k in params:
     e = rho * scale[k] ** 2 * g64[k] / norm
-    want = (1 - lam) * g64[k] + lam * c64[k] * (w64[k] + e)
-    # Rounding: the perturbed params and both terms, each to the dtype.
-    bound = 4 * eps * (abs(1 - lam) * np.abs(g64[k])
-                       + abs(lam) * c64[k] * (np.abs(w64[k]) + np.abs(e)))
+    g_sam = c64[k] * (w64[k] + e)
+    want = (1 - lam) * g64[k] + lam * g_sam
+    # Rounding: the perturbed params and g_sam, each to the dtype, then the
+    # mix g + lam (g_sam - g) in float32 and its rounding to the dtype.
+    bound = (4 * eps * (np.abs(want) + abs(lam) * c64[k]
+                        * (np.abs(w64[k]) + np.abs(e)))
+             + 4 * float(jnp.finfo(jnp.float32).eps)
+             * (1 + 2 * abs(lam)) * (np.abs(g64[k]) + np.abs(g_sam)))
     got = np.asarray(d[k], np.float64)
     assert d[k].dtype == dtype
     assert np.all(np.abs(got - want) <= bound + 1e-30), (k, got, want)

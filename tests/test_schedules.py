@@ -93,7 +93,74 @@ def test_schedules_drive_rst():
     (lambda: schedules.trigonometric(0.0, 1.5, 10), '`p_end`'),
     (lambda: schedules.trigonometric(0.0, 1.0, True), '`total_steps`'),
     (lambda: schedules.mean_probability(0.5, 0), '`total_steps`'),
+    (lambda: schedules.piecewise(0.0, 1.0, 2**31), 'piecewise: `boundary`'),
+    (lambda: schedules.linear(0.0, 1.0, 2**31), 'linear: `total_steps`'),
+    (lambda: schedules.trigonometric(0.0, 1.0, 2**31),
+     'trigonometric: `total_steps`'),
+    (lambda: schedules.mean_probability(0.5, 2**31),
+     'mean_probability: `total_steps`'),
+    (lambda: schedules.mean_probability(2.0, 10), 'mean_probability: `schedule`'),
+    (lambda: schedules.mean_probability(float('nan'), 10),
+     'mean_probability: `schedule`'),
+    (lambda: schedules.mean_probability(True, 10), 'mean_probability: `schedule`'),
+    (lambda: schedules.mean_probability('0.5', 10),
+     'mean_probability: `schedule`'),
+    (lambda: schedules.matching_lam(2.0, 10), 'matching_lam: `schedule`'),
+    (lambda: schedules.matching_lam(lambda t: jnp.nan, 10),
+     'matching_lam: `schedule` returned NaN at step 0'),
+    (lambda: schedules.matching_lam(0.5, 10, target=True),
+     'matching_lam: `target`'),
+    (lambda: schedules.matching_lam(0.5, 10, target=np.bool_(True)),
+     'matching_lam: `target`'),
+    (lambda: schedules.matching_lam(0.5, 10, target=np.str_('1.0')),
+     'matching_lam: `target`'),
+    (lambda: schedules.matching_lam(0.5, 10, target=np.array('1.0')),
+     'matching_lam: `target`'),
+    (lambda: schedules.matching_lam(0.5, 10, target=-1.0),
+     'matching_lam: `target`'),
+    (lambda: schedules.family('cosine', 0.5, 10), 'family: `name`'),
+    (lambda: schedules.family('linear', 1.5, 10), 'family: `mean_p`'),
+    (lambda: schedules.family('linear', True, 10), 'family: `mean_p`'),
+    (lambda: schedules.family('linear', 0.5, 0), 'family: `total_steps`'),
+    (lambda: schedules.family('linear', 0.5, 2**31), 'family: `total_steps`'),
 ])
 def test_bad_schedule_arguments(make, name):
   with pytest.raises((TypeError, ValueError), match=name):
     make()
+
+
+def test_schedules_reach_the_last_step():
+  last = 2**31 - 1
+  assert float(schedules.linear(0.0, 1.0, last)(last - 1)) == pytest.approx(1.0)
+  assert float(schedules.trigonometric(0.0, 1.0, last)(last - 1)) == (
+      pytest.approx(1.0))
+  s = schedules.piecewise(0.0, 1.0, last)
+  assert float(s(last - 1)) == 0.0 and float(s(last)) == 1.0
+
+
+def test_families():
+  assert schedules.FAMILIES == ('constant', 'piecewise', 'linear',
+                                'trigonometric')
+  total = 400
+  rising = values(schedules.family('linear', 0.3, total), total)
+  np.testing.assert_allclose(rising[[0, total // 2]], [0.0, 0.3], atol=1e-6)
+  assert np.all(np.diff(rising) > 0)
+  switch = values(schedules.family('piecewise', 0.25, total), total)
+  np.testing.assert_array_equal(switch, np.arange(total) >= 300)
+  high = values(schedules.family('trigonometric', 0.75, total), total + 1)
+  assert high[0] == pytest.approx(0.5) and high[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('name', schedules.FAMILIES)
+@pytest.mark.parametrize('mean_p', [0.0, 0.1, 0.5, 0.8, 1.0])
+def test_each_family_has_the_mean_it_was_given(name, mean_p):
+  total = 1000
+  s = schedules.family(name, mean_p, total)
+  assert schedules.mean_probability(s, total) == pytest.approx(
+      mean_p, abs=1 / (2 * total) + 1e-6)
+
+
+def test_a_vector_schedule_is_refused():
+  with pytest.raises(TypeError, match='mean_probability: .*`schedule`.* must '
+                     'return a real scalar'):
+    schedules.mean_probability(lambda t: jnp.ones(2) / 2, 10)

@@ -155,3 +155,18 @@ def test_local_perturbation_is_per_device_m_sharpness(sharded,
     np.testing.assert_allclose(got[key], want[key], **TOL, err_msg=key)
   # And it is a different method from the global perturbation.
   assert not np.allclose(got['w1'], global_params['w1'], **TOL)
+
+
+def test_local_static_sam_step_equals_the_cond_path(sharded):
+  """On 4 devices at p = 1, ``take_sam=True`` (the branch fixed when tracing,
+  as host dispatch runs it) perturbs each device along its own gradient,
+  exactly as the ``cond`` path does."""
+  static = params_of(sharded, 'local4_static')
+  cond = params_of(sharded, 'local4_cond')
+  assert static.keys() == cond.keys() == prob.make_params().keys()
+  for key in static:
+    np.testing.assert_allclose(static[key], cond[key], rtol=1e-6, atol=1e-7,
+                               err_msg=key)
+  assert sharded['local4_static/flags'].shape == (prob.STEPS, 4)
+  assert sharded['local4_static/flags'].all()
+  assert sharded['local4_cond/flags'].all()

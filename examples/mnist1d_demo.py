@@ -11,7 +11,7 @@ they share the machine's load alike. It prints a table of test accuracy
 SAM steps), and writes ``results.json``, ``results.md`` and ``mnist1d.png``
 (test accuracy against passes, with error bars) to ``--out``.
 
-Run:  make demo     or     python examples/mnist1d.py --help
+Run:  make demo     or     python examples/mnist1d_demo.py --help
 
 The branch of each RST step is dispatched as ``rst_optax.recommended_dispatch()``
 says (host dispatch on CPU, where a conv net's gradient inside ``lax.cond`` is
@@ -23,28 +23,24 @@ import functools
 import json
 import os
 import platform
-import sys
 import textwrap
 import time
+from typing import Any, NamedTuple
 
-# This file is named like the `mnist1d` package it uses: when run as a script
-# its folder comes first on sys.path and would shadow the package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import rst_optax  # noqa: E402
-from rst_optax import flax_utils, schedules  # noqa: E402
+import rst_optax
+from rst_optax import flax_utils, schedules
 
 METHODS = ('sgd', 'sam', 'rst', 'grst')
 LABELS = {'sgd': 'SGD', 'sam': 'SAM', 'rst': 'RST', 'grst': 'G-RST'}
-SCHEDULES = ('constant', 'piecewise', 'linear', 'trigonometric')
 
 
 def parse_args(argv=None):
@@ -58,14 +54,41 @@ def parse_args(argv=None):
                       help=f'comma-separated, from {",".join(METHODS)}')
   parser.add_argument('--p', type=float, default=0.5,
                       help='mean probability of a SAM step for RST and G-RST')
-  parser.add_argument('--schedule', default='constant', choices=SCHEDULES,
-                      help='family of p(t), with mean --p (see make_schedule)')
+  parser.add_argument('--schedule', default='constant',
+                      choices=schedules.FAMILIES,
+                      help='family of p(t), with mean --p '
+                      '(rst_optax.schedules.family)')
   parser.add_argument('--rho', type=float, default=0.05, help='SAM radius')
   parser.add_argument('--lam', type=float, default=None,
                       help='G-RST weight (default: matching_lam, 1 / mean p)')
   parser.add_argument('--dispatch', default='auto',
                       choices=('auto', 'host', 'cond'),
                       help='auto: rst_optax.recommended_dispatch()')
+  add_recipe_arguments(parser)
+  parser.add_argument('--train-subset', type=int, default=None,
+                      help='train on the first N training samples only')
+  parser.add_argument('--out', default='runs/mnist1d',
+                      help='folder for the results and the data cache')
+  parser.add_argument('--compile-cache', default='runs/jax_cache',
+                      help="JAX's persistent compilation cache folder, so runs "
+                      "with other seeds reuse the executables; 'none': off")
+  parser.add_argument('--no-progress', action='store_true',
+                      help='no progress bar (it is off anyway when the output '
+                      'is not a terminal)')
+  args = parser.parse_args(argv)
+  args.methods = comma_list(parser, '--methods', args.methods, METHODS)
+  if not 0.0 < args.p <= 1.0:
+    parser.error(f'--p must be in (0, 1]; got {args.p}.')
+  for name in ('seeds', 'epochs', 'batch_size', 'width', 'num_samples'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name.replace("_", "-")} must be >= 1.')
+  if args.rho < 0:
+    parser.error(f'--rho must be >= 0; got {args.rho}.')
+  return args
+
+
+def add_recipe_arguments(parser):
+  """The flags of the data and the training recipe shared by every method."""
   parser.add_argument('--lr', type=float, default=0.1,
                       help='peak learning rate of the cosine schedule')
   parser.add_argument('--batch-size', type=int, default=128)
@@ -75,28 +98,15 @@ def parse_args(argv=None):
                       help='MNIST-1D samples generated (80%% train, 20%% test)')
   parser.add_argument('--val-size', type=int, default=500,
                       help='training samples held out for validation')
-  parser.add_argument('--train-subset', type=int, default=None,
-                      help='train on the first N training samples only')
-  parser.add_argument('--out', default='runs/mnist1d',
-                      help='folder for the results and the data cache')
-  parser.add_argument('--compile-cache', default='runs/jax_cache',
-                      help="JAX's persistent compilation cache folder, so runs "
-                      "with other seeds reuse the executables; 'none': off")
-  parser.add_argument('--no-progress', action='store_true',
-                      help='no progress bar')
-  args = parser.parse_args(argv)
-  args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-  for m in args.methods:
-    if m not in METHODS:
-      parser.error(f'--methods: unknown method {m!r}; choose from {METHODS}.')
-  if not 0.0 < args.p <= 1.0:
-    parser.error(f'--p must be in (0, 1]; got {args.p}.')
-  for name in ('seeds', 'epochs', 'batch_size', 'width', 'num_samples'):
-    if getattr(args, name) < 1:
-      parser.error(f'--{name.replace("_", "-")} must be >= 1.')
-  if args.rho < 0:
-    parser.error(f'--rho must be >= 0; got {args.rho}.')
-  return args
+
+
+def comma_list(parser, flag, text, choices):
+  """The items of a comma-separated flag, each checked against ``choices``."""
+  items = [item.strip() for item in text.split(',') if item.strip()]
+  for item in items:
+    if item not in choices:
+      parser.error(f'{flag}: unknown {item!r}; choose from {choices}.')
+  return items
 
 
 def load_data(num_samples, val_size, cache_dir):
@@ -149,25 +159,6 @@ def loss_fn(model, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
-def make_schedule(name, p, total_steps):
-  """p(t) of the family ``name`` with mean ``p`` over ``total_steps``.
-
-  constant: p. piecewise: SGD then SAM (0, then 1 for the last p of the run).
-  linear and trigonometric: rising from max(0, 2p - 1) to min(1, 2p), on a
-  straight line or a half cosine.
-  """
-  if name == 'constant':
-    return schedules.constant(p)
-  if name == 'piecewise':
-    return schedules.piecewise(0.0, 1.0, round((1.0 - p) * total_steps))
-  low, high = max(0.0, 2 * p - 1), min(1.0, 2 * p)
-  if name == 'linear':
-    return schedules.linear(low, high, total_steps)
-  if name == 'trigonometric':
-    return schedules.trigonometric(low, high, total_steps)
-  raise ValueError(f'schedule: unknown family {name!r}; choose from {SCHEDULES}.')
-
-
 def make_tx(method, args, total_steps, seed):
   """The optimizer of ``method``, its p(t) (None for SGD) and its lam."""
   lr = optax.cosine_decay_schedule(args.lr, total_steps)
@@ -177,7 +168,7 @@ def make_tx(method, args, total_steps, seed):
   if method == 'sam':  # SAM is rst at p = 1, lam = 1 (no cond traced).
     schedule, lam = 1.0, 1.0
   else:
-    schedule = make_schedule(args.schedule, args.p, total_steps)
+    schedule = schedules.family(args.schedule, args.p, total_steps)
     lam = 1.0
     if method == 'grst':
       lam = (args.lam if args.lam is not None
@@ -207,8 +198,21 @@ def accuracy(graphdef, state, x, y):
   return jnp.mean(jnp.argmax(model(x), -1) == y)
 
 
-def train_run(method, seed, data, args, dispatch, progress=None):
-  """Trains one method with one seed; returns its record (accuracy, cost)."""
+class Setup(NamedTuple):
+  """Everything one run needs before its first step."""
+  tx: optax.GradientTransformation
+  schedule: Any  # p(t); None for SGD
+  lam: float | None
+  model_def: Any  # the model's graphdef, for evaluation
+  graphdef: Any  # (model, optimizer)'s graphdef, for the train step
+  state: Any  # (model, optimizer)'s state
+  orders: list[np.ndarray]  # batch indices, one (steps, batch) array an epoch
+  total_steps: int
+  seed: int
+
+
+def set_up(method, seed, data, args):
+  """The optimizer, model, state and data order of one run."""
   n_train, batch = len(data['y']), args.batch_size
   if n_train < batch:
     raise ValueError(f'{n_train} training samples < --batch-size {batch}.')
@@ -219,73 +223,112 @@ def train_run(method, seed, data, args, dispatch, progress=None):
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   model_def = nnx.graphdef(model)  # the same for every run: one compilation
   graphdef, state = nnx.split((model, optimizer))
-  train_step = make_train_step(graphdef)
-  x, y = jnp.asarray(data['x']), jnp.asarray(data['y'])
-  x_test, y_test = jnp.asarray(data['x_test']), jnp.asarray(data['y_test'])
   rng = np.random.default_rng(seed)  # data order: the same for every method
   orders = [rng.permutation(n_train)[:steps_per_epoch * batch].reshape(
       steps_per_epoch, batch).astype(np.int32) for _ in range(args.epochs)]
+  return Setup(tx, schedule, lam, model_def, graphdef, state, orders,
+               total_steps, seed)
 
-  # Compile outside the timed loop: run each executable once, drop the result.
+
+def compile_step(setup, method, dispatch, x, y):
+  """The step function, compiled outside the timed loop.
+
+  Runs each executable once and drops the result. Returns the step, the
+  planned decisions (host dispatch) or None, the seconds it took, and a
+  function that counts the compilations.
+  """
+  train_step = make_train_step(setup.graphdef)
+  first = setup.orders[0][0]
   start = time.perf_counter()
-  planned = None
   if dispatch == 'host' and method in ('rst', 'grst'):
-    step = rst_optax.HostDispatch(train_step, schedule, seed,
-                                  chunk_size=total_steps)
-    planned = rst_optax.decisions(schedule, seed, 0, total_steps)
+    step = rst_optax.HostDispatch(train_step, setup.tx,
+                                  chunk_size=setup.total_steps)
+    planned = rst_optax.decisions(setup.schedule, setup.seed, 0,
+                                  setup.total_steps)
     for take_sam in sorted(set(planned.tolist())):
       jax.block_until_ready(
-          step.jitted(state, x, y, orders[0][0], take_sam=take_sam))
+          step.jitted(setup.state, x, y, first, take_sam=take_sam))
     _ = step.take_sam  # computes all the decisions now, not in the loop
-    compilations = lambda: step.compilations
-  else:  # SGD, SAM (p = 1: no cond traced), or RST with the in-graph coin.
-    traces = []
+    return step, planned, time.perf_counter() - start, lambda: step.compilations
+  # SGD, SAM (p = 1: no cond traced), or RST with the in-graph coin.
+  traces = []
 
-    def counted_step(*step_args):
-      traces.append(1)
-      return train_step(*step_args)
+  def counted_step(*step_args):
+    traces.append(1)
+    return train_step(*step_args)
 
-    step = jax.jit(counted_step)
-    jax.block_until_ready(step(state, x, y, orders[0][0]))
-    compilations = lambda: len(traces)
-  compile_s = time.perf_counter() - start
+  step = jax.jit(counted_step)
+  jax.block_until_ready(step(setup.state, x, y, first))
+  return step, None, time.perf_counter() - start, lambda: len(traces)
 
-  wall, curve, host_sam_steps = 0.0, [], 0
-  for epoch in range(args.epochs):
+
+def sam_steps_so_far(setup, step, planned, state):
+  """SAM steps taken so far: from HostDispatch, or read from the state."""
+  if planned is not None:
+    return step.sam_steps
+  if setup.schedule is None:
+    return 0
+  _, opt = nnx.merge(setup.graphdef, state)
+  return int(opt.opt_state.sam_steps[...])
+
+
+def train_epochs(setup, step, planned, x, y, x_test, y_test, progress,
+                 label):
+  """The timed loop; returns the state, last loss, seconds and test curve."""
+  state, wall, curve = setup.state, 0.0, []
+  steps_per_epoch = len(setup.orders[0])
+  for epoch, order in enumerate(setup.orders):
     start = time.perf_counter()
-    for idx in orders[epoch]:
+    for idx in order:
       state, loss = step(state, x, y, idx)
     jax.block_until_ready(state)
     wall += time.perf_counter() - start
-    steps = (epoch + 1) * steps_per_epoch
-    if planned is not None:
-      host_sam_steps = step.sam_steps
-    elif schedule is not None:
-      _, opt = nnx.merge(graphdef, state)
-      host_sam_steps = int(opt.opt_state.sam_steps[...])
-    test_acc = float(accuracy(model_def, state[0], x_test, y_test))
-    curve.append((steps + host_sam_steps, test_acc))
+    passes = (epoch + 1) * steps_per_epoch + sam_steps_so_far(
+        setup, step, planned, state)
+    curve.append((passes, float(accuracy(setup.model_def, state[0], x_test,
+                                         y_test))))
     if progress is not None:
       progress.update()
-      progress.set_postfix(method=method, seed=seed, loss=f'{float(loss):.3f}')
+      progress.set_postfix(label, loss=f'{float(loss):.3f}')
+  return state, loss, wall, curve
 
-  _, opt = nnx.merge(graphdef, state)
-  sam_steps = 0
-  if schedule is not None:
-    count, sam_steps = (int(opt.opt_state.count[...]),
-                        int(opt.opt_state.sam_steps[...]))
-    expected = host_sam_steps if planned is None else int(planned.sum())
-    if count != total_steps or sam_steps != expected:
-      raise RuntimeError(f'{method}: RSTState count {count}, sam_steps '
-                         f'{sam_steps}; expected {total_steps}, {expected}.')
+
+def check_counters(setup, method, step, planned, state):
+  """Checks RSTState's counters against the run; returns its SAM steps."""
+  if setup.schedule is None:
+    return 0
+  _, opt = nnx.merge(setup.graphdef, state)
+  count, sam_steps = (int(opt.opt_state.count[...]),
+                      int(opt.opt_state.sam_steps[...]))
+  expected = step.sam_steps if planned is not None else sam_steps
+  if planned is not None and expected != int(planned.sum()):
+    raise RuntimeError(f'{method}: HostDispatch took {expected} SAM steps; '
+                       f'{int(planned.sum())} were planned.')
+  if count != setup.total_steps or sam_steps != expected:
+    raise RuntimeError(f'{method}: RSTState count {count}, sam_steps '
+                       f'{sam_steps}; expected {setup.total_steps}, '
+                       f'{expected}.')
+  return sam_steps
+
+
+def train_run(method, seed, data, args, dispatch, progress=None):
+  """Trains one method with one seed; returns its record (accuracy, cost)."""
+  setup = set_up(method, seed, data, args)
+  x, y = jnp.asarray(data['x']), jnp.asarray(data['y'])
+  step, planned, compile_s, compilations = compile_step(
+      setup, method, dispatch, x, y)
+  state, loss, wall, curve = train_epochs(
+      setup, step, planned, x, y, jnp.asarray(data['x_test']),
+      jnp.asarray(data['y_test']), progress, {'method': method, 'seed': seed})
+  sam_steps = check_counters(setup, method, step, planned, state)
   return {
-      'method': method, 'seed': seed, 'lam': lam,
+      'method': method, 'seed': seed, 'lam': setup.lam,
       'test_acc': curve[-1][1],
-      'val_acc': float(accuracy(model_def, state[0], data['x_val'],
+      'val_acc': float(accuracy(setup.model_def, state[0], data['x_val'],
                                 data['y_val'])),
       'last_batch_loss': float(loss),
-      'steps': total_steps, 'sam_steps': sam_steps,
-      'passes': total_steps + sam_steps,
+      'steps': setup.total_steps, 'sam_steps': sam_steps,
+      'passes': setup.total_steps + sam_steps,
       'wall_s': wall, 'compile_s': compile_s,
       'compilations': compilations(),
       'dispatch': 'host' if planned is not None else 'jit',
@@ -361,7 +404,8 @@ def plot(records, rows, path, title):
   plt.close(fig)
 
 
-def machine():
+def machine() -> dict[str, Any]:
+  """The machine and library versions, for the records of a run."""
   cpu = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
@@ -369,9 +413,13 @@ def machine():
                  if line.startswith('model name'))
   except (OSError, StopIteration):
     pass
-  return {'cpu': cpu, 'cores': os.cpu_count(), 'backend': jax.default_backend(),
-          'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__,
-          'python': platform.python_version()}
+  return {
+      'cpu': cpu, 'cores': os.cpu_count(), 'backend': jax.default_backend(),
+      'device': str(jax.devices()[0].device_kind),
+      'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__,
+      'jaxlib': jaxlib.__version__, 'optax': optax.__version__,
+      'flax': flax.__version__, 'python': platform.python_version(),
+  }
 
 
 def main(argv=None):
@@ -395,8 +443,9 @@ def main(argv=None):
 
   load_start = os.getloadavg()
   records = []
+  # disable=None: no bar when the output is not a terminal (a log, CI).
   progress = tqdm(total=args.seeds * len(args.methods) * args.epochs,
-                  unit='epoch', disable=args.no_progress)
+                  unit='epoch', disable=True if args.no_progress else None)
   total_start = time.perf_counter()
   for seed in range(args.seeds):  # methods interleaved per seed: fair timing
     for method in args.methods:

@@ -1,0 +1,235 @@
+"""The label-noise benchmark: its noise, schedules, selection and plumbing."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import rst_optax
+from benchmarks import label_noise as ln
+
+
+def test_corrupt_labels_replaces_the_fraction_asked_and_only_it():
+  y = np.arange(1000, dtype=np.int32) % 10
+  noisy, replaced = ln.corrupt_labels(y, 0.4, seed=3)
+  assert replaced.sum() == 400
+  np.testing.assert_array_equal(noisy[~replaced], y[~replaced])
+  changed = (noisy != y).mean()
+  assert 0.3 < changed <= 0.4  # a uniform draw hits the true class 1 in 10
+  assert noisy.min() >= 0 and noisy.max() <= 9 and noisy.dtype == y.dtype
+  again, _ = ln.corrupt_labels(y, 0.4, seed=3)
+  other, _ = ln.corrupt_labels(y, 0.4, seed=4)
+  np.testing.assert_array_equal(again, noisy)
+  assert (other != noisy).any()
+  clean, none = ln.corrupt_labels(y, 0.0, seed=3)
+  assert not none.any()
+  np.testing.assert_array_equal(clean, y)
+
+
+def configs(**overrides):
+  args = ln.parse_args(['--p', '0.5,0.25'])
+  for k, v in overrides.items():
+    setattr(args, k, v)
+  return {c.name: c for c in ln.make_configs(args)}
+
+
+def test_configurations_scale_rho_and_lam_as_named():
+  total = 400
+  by = configs()
+  assert len(by) == 2 + 2 * len(ln.KINDS)
+  for p, k in ((0.5, 2), (0.25, 4)):
+    get = lambda kind, p=p: next(c for c in by.values()
+                                 if c.kind == kind and c.p == p)
+    assert get('rst_rho').rho_scale == pytest.approx(1 / p)
+    assert get('every_k_rho').rho_scale == k
+    assert get('rst').rho_scale == get('grst').rho_scale == 1.0
+    for kind in ('rst', 'grst', 'linear', 'trigonometric', 'late', 'early',
+                 'every_k_lam', 'every_k_rho'):
+      schedule, _ = ln.schedule_of(get(kind), total)
+      assert rst_optax.schedules.mean_probability(schedule, total) == (
+          pytest.approx(p, abs=2e-3)), kind
+    grst = get('grst')
+    assert ln.lam_of(grst, ln.schedule_of(grst, total)[0], total) == (
+        pytest.approx(1 / p))
+    every = get('every_k_lam')
+    assert ln.lam_of(every, ln.schedule_of(every, total)[0], total) == k
+    assert ln.lam_of(get('rst'), 0.5, total) == 1.0
+
+
+def test_every_k_takes_a_sam_step_exactly_every_k_steps():
+  by = configs()
+  every = next(c for c in by.values() if c.kind == 'every_k_rho' and c.p == 0.25)
+  schedule, _ = ln.schedule_of(every, 400)
+  plan = rst_optax.decisions(schedule, seed=7, start=0, stop=12)
+  assert plan.tolist() == [False, False, False, True] * 3
+
+
+def test_early_and_late_phases_put_sam_at_either_end():
+  by = configs()
+  early = next(c for c in by.values() if c.kind == 'early' and c.p == 0.25)
+  late = next(c for c in by.values() if c.kind == 'late' and c.p == 0.25)
+  plan_e = rst_optax.decisions(ln.schedule_of(early, 100)[0], 0, 0, 100)
+  plan_l = rst_optax.decisions(ln.schedule_of(late, 100)[0], 0, 0, 100)
+  assert plan_e[:25].all() and not plan_e[25:].any()
+  assert plan_l[75:].all() and not plan_l[:75].any()
+
+
+def test_every_k_needs_p_of_one_over_k():
+  with pytest.raises(SystemExit):
+    ln.parse_args(['--p', '0.3'])
+  args = ln.parse_args(['--p', '0.3', '--kinds', 'rst,grst'])
+  assert args.p == (0.3,)
+
+
+def record(config, rho, seed, val, test, status='ok', kind='rst', passes=10,
+           noise=0.2):
+  return {'config': config, 'kind': kind, 'p': 0.5, 'rho_grid': rho,
+          'rho': rho, 'lam': 1.0, 'seed': seed, 'noise': noise,
+          'val_acc': val, 'test_acc': test, 'status': status,
+          'passes': passes, 'wall_s': 1.0}
+
+
+def test_rho_is_chosen_on_validation_never_on_test():
+  recs = []
+  for seed in range(3):
+    recs.append(record('RST', 0.1, seed, val=0.80, test=0.70))
+    recs.append(record('RST', 0.4, seed, val=0.70, test=0.90))
+  assert ln.choose_rho(recs) == {(0.2, 'RST'): 0.1}
+
+
+def test_a_diverged_seed_counts_at_chance_in_the_choice():
+  recs = [record('RST', 0.1, s, val=0.75, test=0.7) for s in range(2)]
+  recs += [record('RST', 0.4, 0, val=0.95, test=0.9),
+           record('RST', 0.4, 1, val=math.nan, test=math.nan, status='nan')]
+  # 0.4: (0.95 + chance) / 2 = 0.525 < 0.75.
+  assert ln.choose_rho(recs) == {(0.2, 'RST'): 0.1}
+
+
+def test_diverged_runs_are_counted_and_not_averaged_in():
+  recs = []
+  for seed in range(4):
+    recs.append(record('SGD', 0.0, seed, 0.6, 0.60, kind='sgd', passes=10))
+    recs.append(record('SAM', 0.2, seed, 0.8, 0.80, kind='sam', passes=20))
+    bad = seed == 3
+    recs.append(record('RST', 0.2, seed, math.nan if bad else 0.7,
+                       math.nan if bad else 0.70,
+                       status='nan' if bad else 'ok', passes=15))
+  recs.append(record('RST', 0.1, 0, 0.1, 0.1, status='chance', passes=15))
+  rows = ln.summarize(recs)['0.2']['rows']
+  rst = rows['RST']
+  assert rst['rho_grid'] == 0.2
+  assert rst['diverged'] == 1 and rst['diverged_in_sweep'] == 2
+  assert rst['test_acc']['n'] == 3
+  assert rst['test_acc']['mean'] == pytest.approx(0.70)
+  assert rst['gain_kept']['mean'] == pytest.approx(0.5)
+  assert rst['gain_kept']['n'] == 3
+  assert rst['passes_vs_SAM'] == pytest.approx(0.75)
+  assert rows['SAM']['gain_kept']['mean'] == pytest.approx(1.0)
+  assert rows['SGD']['gain_kept']['mean'] == pytest.approx(0.0)
+  assert '| RST | 0.2 | 70.00 ± 0.00 |' in ln.format_tables(
+      ln.summarize(recs))
+
+
+def test_a_run_at_chance_level_counts_as_diverged():
+  assert ln.run_status(0.3, 0.9) == 'ok'
+  assert ln.run_status(2.3, 0.11) == 'chance'
+  assert ln.run_status(2.3, math.nan) == 'chance'
+  assert ln.run_status(math.nan, 0.9) == 'nan'
+  assert ln.run_status(math.inf, 0.9) == 'nan'
+
+
+def test_gain_kept_is_paired_per_seed():
+  sgd = [0.60, 0.70]
+  sam = [0.80, 0.80]
+  acc = [0.70, 0.75]  # keeps 0.5 of the gain on both seeds
+  kept = ln.gain_kept(acc, sgd, sam)
+  assert kept['mean'] == pytest.approx(0.15 / 0.3)
+  assert kept['n'] == 2
+
+
+def test_a_diverging_run_is_detected_and_stops(tmp_path):
+  import jax
+  from flax import nnx
+
+  from examples import mnist1d_demo as demo
+  rng = np.random.default_rng(0)
+  data = {'x': rng.normal(size=(64, 40)).astype(np.float32),
+          'y': rng.integers(0, 10, 64).astype(np.int32)}
+  for split in ('val', 'test'):
+    data[f'x_{split}'], data[f'y_{split}'] = data['x'][:16], data['y'][:16]
+  graphdef, params = nnx.split(demo.CNN(4, 40, nnx.Rngs(0)), nnx.Param)
+  params = jax.tree.map(jax.numpy.asarray, params)
+  orders = [np.arange(64, dtype=np.int32).reshape(4, 16)] * 3
+  trainer = ln.build_trainer(graphdef, 12, lr=1e6)
+  rec, final = ln.train_one(trainer, params, data, data['y'], 1.0, 0.1, 1.0,
+                            0, orders, 12)
+  assert rec['status'] == 'nan' and final is None
+  assert math.isnan(rec['test_acc']) and rec['steps'] == 4  # one epoch
+  assert rec['passes'] == 24  # as planned: SAM, 12 steps
+  trainer = ln.build_trainer(graphdef, 12, lr=0.01)
+  rec, final = ln.train_one(trainer, params, data, data['y'], 0.5, 0.1, 2.0,
+                            0, orders, 12)
+  assert rec['status'] in ('ok', 'chance') and rec['steps'] == 12
+  assert rec['sam_steps'] == int(rst_optax.decisions(0.5, 0, 0, 12).sum())
+  assert len(final) == len(jax.tree.leaves(params))
+
+
+def test_quick_run_end_to_end(tmp_path):
+  out = tmp_path / 'out'
+  result = ln.main(['--quick', '--kinds', 'grst,every_k_lam', '--out',
+                    str(out), '--cache', str(tmp_path / 'cache')])
+  steps = result['settings']['total_steps']
+  assert steps == 4 * (300 // 50)
+  by = {}
+  for r in result['runs']:
+    by.setdefault(r['config'], []).append(r)
+  assert set(by) == {'SGD', 'SAM', 'G-RST p=0.5', 'every k, lam x k p=0.5'}
+  assert len(by['SGD']) == 2 and len(by['SAM']) == 2 * 2  # seeds x radii
+  assert {r['passes'] for r in by['SGD']} == {steps}
+  assert {r['passes'] for r in by['SAM']} == {2 * steps}
+  assert {r['passes'] for r in by['every k, lam x k p=0.5']} == {
+      steps + steps // 2}
+  for r in by['G-RST p=0.5']:
+    planned = rst_optax.decisions(
+        rst_optax.schedules.family('constant', 0.5, steps), r['seed'], 0,
+        steps).sum()
+    assert r['passes'] == steps + planned and r['lam'] == pytest.approx(2.0)
+  assert all(0.19 < r['noise_replaced'] < 0.21 for r in result['runs'])
+  saved = json.loads((out / 'label_noise_quick.json').read_text())
+  assert set(saved['summary']['0.2']['rows']) == set(by)
+  flat = saved['flatness']['0.2']['configs']
+  assert {'SGD', 'SAM'} <= set(flat)
+  for row in flat.values():
+    assert row['lambda_max']['n'] >= 1 and row['eps_sharpness']['mean'] >= 0
+  for png in ('label_noise_quick.png', 'label_noise_quick_flatness.png'):
+    assert (out / png).read_bytes()[:4] == b'\x89PNG'
+  assert not (out / 'label_noise_quick.partial.json').exists()
+
+
+def test_saved_results_with_other_radii_are_pooled_and_chosen_again(tmp_path):
+  def result(rhos, vals, command):
+    runs = [record('SGD', 0.0, s, 0.6, 0.6, kind='sgd') for s in range(2)]
+    for rho, val in zip(rhos, vals, strict=True):
+      runs += [record('SAM', rho, s, val, val, kind='sam', passes=20)
+               for s in range(2)]
+    return {'settings': {'noise': [0.2], 'seeds': 2, 'command': command},
+            'elapsed_s': 1.0, 'load_average': {'start': [1], 'end': [2]},
+            'runs': runs, 'summary': ln.summarize(runs)}
+
+  paths = []
+  for i, (rhos, vals) in enumerate((((0.1, 0.4), (0.7, 0.75)),
+                                    ((0.3, 0.1), (0.8, 0.0)))):
+    paths.append(tmp_path / f'{i}.json')
+    paths[-1].write_text(json.dumps(result(rhos, vals, f'run {i}')))
+  merged = ln.merge_results([str(p) for p in paths])
+  assert merged['settings']['rhos'] == [0.1, 0.3, 0.4]
+  assert len(merged['runs']) == 2 + 3 * 2  # SGD and SAM at 0.1 not repeated
+  rows = merged['summary']['0.2']['rows']
+  assert rows['SAM']['rho_grid'] == 0.3 and rows['SAM']['test_acc']['mean'] == (
+      pytest.approx(0.8))
+  bad = result((0.3,), (0.8,), 'other')
+  bad['settings']['seeds'] = 3
+  paths[1].write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match='seeds'):
+    ln.merge_results([str(p) for p in paths])

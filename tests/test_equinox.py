@@ -18,33 +18,12 @@ import pytest
 
 eqx = pytest.importorskip('equinox')
 
+from _bn_problem import EPS, LAM, LR, MOMENTUM, RHO, STEPS, assert_close, make_tx  # noqa: E402
+from _bn_problem import batches as _batches  # noqa: E402
+from _bn_problem import decisions as _decisions  # noqa: E402
+
 import rst_optax  # noqa: E402
 from rst_optax import equinox_utils  # noqa: E402
-
-LR, RHO, LAM, MOMENTUM, EPS = 0.1, 0.3, 2.0, 0.9, 1e-5
-SEED, STEPS = 3, 6
-
-
-def _batches():
-  kx, ky = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (STEPS, 16, 3)) * 2.0 + 0.5
-  y = jax.random.normal(ky, (STEPS, 16, 2))
-  return x, y
-
-
-def _decisions():
-  d = rst_optax.decisions(0.5, SEED, 0, STEPS)
-  assert d.any() and not d.all()  # both branches occur in the run
-  return d
-
-
-def make_tx(schedule=0.5):
-  return rst_optax.rst(optax.sgd(LR), schedule, rho=RHO, lam=LAM, seed=SEED)
-
-
-def assert_close(actual, expected):
-  np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-6)
-
 
 # The plain-JAX reference (Equinox's layout: a Linear's weight is (out, in)).
 

@@ -15,27 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _bn_problem import EPS, LAM, LR, MOMENTUM, RHO, STEPS, assert_close, make_tx
+from _bn_problem import batches as _batches
+from _bn_problem import decisions as _decisions
 from flax import nnx
 
 import rst_optax
 from rst_optax import flax_utils
-
-LR, RHO, LAM, MOMENTUM, EPS = 0.1, 0.3, 2.0, 0.9, 1e-5
-SEED, STEPS = 3, 6
-
-
-def _batches():
-  kx, ky = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (STEPS, 16, 3)) * 2.0 + 0.5
-  y = jax.random.normal(ky, (STEPS, 16, 2))
-  return x, y
-
-
-def _decisions():
-  d = rst_optax.decisions(0.5, SEED, 0, STEPS)
-  assert d.any() and not d.all()  # both branches occur in the run
-  return d
-
 
 # The plain-JAX reference.
 
@@ -78,14 +64,6 @@ def ref_run(p, stats, take_sams):
   for t, take_sam in enumerate(take_sams):
     p, stats = ref_step(p, stats, xs[t], ys[t], bool(take_sam))
   return p, stats
-
-
-def make_tx(schedule=0.5):
-  return rst_optax.rst(optax.sgd(LR), schedule, rho=RHO, lam=LAM, seed=SEED)
-
-
-def assert_close(actual, expected):
-  np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-6)
 
 
 # NNX.

@@ -389,3 +389,23 @@ def test_negative_or_nan_rho_from_a_schedule_is_taken_as_zero(rho, dispatch):
   chex.assert_trees_all_equal(list(calls[0]), jax.tree.leaves(params))
   chex.assert_trees_all_equal(d, g)  # g_sam = g, and g + lam (g - g) = g
   assert int(state.sam_steps) == 1
+
+
+@pytest.mark.parametrize('eta', [None, 0.01], ids=['sam', 'asam'])
+@pytest.mark.parametrize('scale', [1e-3, 1.0, 1e6])
+def test_direct_and_scaled_perturbations_agree(eta, scale):
+  """On CPU an ordinary gradient takes the direct norm; GPU and TPU always
+  take the scaled one (``jax.lax.platform_dependent``). Both are the same
+  perturbation, to float32 rounding, so the scaled path is checked here."""
+  from rst_optax import _rst
+
+  rng = np.random.default_rng(0)
+  g = [jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
+       for s in ((7, 3), (5,), ())]
+  w = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in g]
+  direct, finite = jax.jit(
+      lambda g, w: _rst._perturbation(g, w, 0.05, 1e-12, eta))(g, w)
+  scaled, scaled_finite = jax.jit(
+      lambda g, w: _rst._scaled_perturbation(g, w, 0.05, 1e-12, eta))(g, w)
+  assert bool(finite) and bool(scaled_finite)
+  chex.assert_trees_all_close(direct, scaled, rtol=1e-5, atol=1e-12)

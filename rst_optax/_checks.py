@@ -247,3 +247,17 @@ def step(fn: str, name: str, value: Any, minimum: int = 0) -> int:
         f'{fn}: `{name}` must be an int in [{minimum}, 2**31 - 1] (the int32 '
         f'step count stops at 2**31 - 1); got {value}.')
   return value
+
+
+def checked_schedule(fn: str, name: str, value: Any) -> Any:
+  """``value``, or for a callable, the same schedule with its output checked
+  by :func:`schedule_value` when tracing (no cost per step)."""
+  if not callable(value):
+    return value
+
+  def schedule(count):
+    out = value(count)
+    schedule_value(fn, name, out)
+    return out
+
+  return schedule

@@ -34,15 +34,9 @@ def check_schedule(fn: str, schedule: Any) -> None:
   """
   _checks.number(fn, 'schedule', schedule, low=0.0, high=1.0,
                  allow_schedule=True)
-  if not callable(schedule):
-    return
-
-  def checked(t):
-    out = schedule(t)
-    _checks.schedule_value(fn, 'schedule', out)  # as rst checks it
-    return out
-
-  jax.eval_shape(checked, jax.ShapeDtypeStruct((), jnp.int32))
+  if callable(schedule):  # trace it once, as rst does
+    jax.eval_shape(_checks.checked_schedule(fn, 'schedule', schedule),
+                   jax.ShapeDtypeStruct((), jnp.int32))
 
 
 def _raise_on_nan(fn: str, nan: np.ndarray, start: int) -> None:

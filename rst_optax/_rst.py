@@ -200,21 +200,6 @@ def _mix(g: optax.Updates, g_sam: optax.Updates, lam: jax.Array
   return jax.tree.map(leaf, g, g_sam)
 
 
-def _checked_schedule(name: str, value: _types.ScalarOrSchedule
-                      ) -> _types.ScalarOrSchedule:
-  """``value``, or for a callable, the same schedule with its output checked
-  to be a real scalar when tracing (no cost per step)."""
-  if not callable(value):
-    return value
-
-  def schedule(count):
-    out = value(count)
-    _checks.schedule_value('rst', name, out)
-    return out
-
-  return schedule
-
-
 def _perturbed_leaves(mask: Any, params: optax.Params) -> list[bool]:
   """Which leaves of ``params`` rst's ``mask`` selects, in leaf order."""
   n = len(jax.tree.leaves(params))
@@ -466,9 +451,9 @@ def rst(
 
   base_tx = optax.with_extra_args_support(base_tx)
   key_impl = (jax.random.key_impl(seed) if _coin.is_typed_key(seed) else None)
-  p_schedule = _checked_schedule('schedule', schedule)
-  rho_fn = _coin.as_schedule(_checked_schedule('rho', rho))
-  lam_fn = _coin.as_schedule(_checked_schedule('lam', lam))
+  p_schedule = _checks.checked_schedule('rst', 'schedule', schedule)
+  rho_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'rho', rho))
+  lam_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'lam', lam))
   plain_rst = _coin.is_python_constant(lam, 1.0)
   if _coin.is_python_constant(schedule, 0.0):
     fixed_branch: bool | None = False

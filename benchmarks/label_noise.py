@@ -103,8 +103,16 @@ def parse_args(argv=None):
                       help='radius grid (SAM-equivalent for scaled kinds)')
   parser.add_argument('--kinds', default=','.join(KINDS),
                       help=f'configurations, from {",".join(KINDS)}')
+  parser.add_argument('--baselines', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='run SGD and SAM (--no-baselines: a part whose '
+                      'runs are pooled with --from-json with one that has '
+                      'them)')
   from examples import mnist1d_demo
   mnist1d_demo.add_recipe_arguments(parser)
+  parser.add_argument('--flat-radius', type=float, default=0.2,
+                      help='common radius of the epsilon-sharpness (it is '
+                      "also measured at each run's own radius)")
   for flag, default, what in (
       ('--flat-top', 3, 'RST-family configurations measured for flatness'),
       ('--flat-n', 1000, 'training samples in the flatness loss'),
@@ -146,6 +154,8 @@ def parse_args(argv=None):
     parser.error(f'--noise: fractions in [0, 1); got {args.noise}.')
   if not all(0.0 < p < 1.0 for p in args.p):
     parser.error(f'--p: probabilities in (0, 1); got {args.p}.')
+  if not args.flat_radius > 0:
+    parser.error(f'--flat-radius must be > 0; got {args.flat_radius}.')
   if not args.rhos or not all(r > 0 for r in args.rhos):
     parser.error(f'--rhos: radii > 0; got {args.rhos}.')
   if any(k.startswith('every_k') for k in args.kinds):
@@ -157,9 +167,9 @@ def parse_args(argv=None):
 
 
 def make_configs(args) -> list[Config]:
-  """SGD, SAM, then every kind at every budget, in running order."""
-  out = [Config('SGD', 'sgd', 0.0, 0.0, None), Config('SAM', 'sam', 1.0, 1.0,
-                                                       None)]
+  """SGD and SAM (with ``--baselines``), then every kind at every budget."""
+  out = [Config('SGD', 'sgd', 0.0, 0.0, None),
+         Config('SAM', 'sam', 1.0, 1.0, None)] if args.baselines else []
   for p in args.p:
     k = round(1.0 / p)
     for kind in args.kinds:
@@ -388,23 +398,32 @@ def _flatness_fn(width, length, flat_iters, flat_steps):
                                  nnx.Param)
   _, _, _, loss_fn = build_trainer(graphdef, 1, 0.1)
 
-  @jax.jit
-  def measure(leaves, x, y, radius, key):
+  def loss_at(leaves, x, y):
     params = jax.tree.unflatten(jax.tree.structure(template), leaves)
-    loss = lambda w: loss_fn(w, x, y)
+    return (lambda w: loss_fn(w, x, y)), params
+
+  @jax.jit
+  def top_eigenvalue(leaves, x, y, key):
+    loss, params = loss_at(leaves, x, y)
     lam, _ = sharpness.top_hessian_eigenvalue(
         loss, params, num_iters=flat_iters, error_tolerance=1e-4, key=key)
-    eps = sharpness.epsilon_sharpness(loss, params, radius,
-                                      num_steps=flat_steps)
-    return lam, eps, loss(params)
+    return lam, loss(params)
 
-  return measure
+  @jax.jit
+  def eps_sharpness(leaves, x, y, radius):
+    loss, params = loss_at(leaves, x, y)
+    return sharpness.epsilon_sharpness(loss, params, radius,
+                                       num_steps=flat_steps)
+
+  return top_eigenvalue, eps_sharpness
 
 
-def flatness(args, noise, seed, params_by_config, radius):
+def flatness(args, noise, seed, params_by_config, own_rho):
   """Top Hessian eigenvalue and epsilon-sharpness of each final model.
 
   On the first ``--flat-n`` training samples, with the labels trained on.
+  The epsilon-sharpness is measured at the common ``--flat-radius`` and at
+  the radius each run was trained at (``own_rho[name]``; none for SGD).
   """
   import jax
   import jax.numpy as jnp
@@ -412,18 +431,22 @@ def flatness(args, noise, seed, params_by_config, radius):
   from examples import mnist1d_demo as demo
   data = demo.load_data(args.num_samples, args.val_size, args.cache)
   y_train, _ = corrupt_labels(data['y'], noise, seed)
-  measure = _flatness_fn(args.width, data['x'].shape[1], args.flat_iters,
-                         args.flat_steps)
+  top_eigenvalue, eps_sharpness = _flatness_fn(
+      args.width, data['x'].shape[1], args.flat_iters, args.flat_steps)
   x = jnp.asarray(data['x'][:args.flat_n])
   y = jnp.asarray(y_train[:args.flat_n])
   out = {}
   for name, leaves in params_by_config.items():
     if leaves is None:
       continue
-    lam, eps, loss = measure([jnp.asarray(v) for v in leaves], x, y,
-                             np.float32(radius), jax.random.key(seed))
-    out[name] = {'lambda_max': float(lam), 'eps_sharpness': float(eps),
-                 'train_loss': float(loss)}
+    leaves = [jnp.asarray(v) for v in leaves]
+    lam, loss = top_eigenvalue(leaves, x, y, jax.random.key(seed))
+    out[name] = {'lambda_max': float(lam), 'train_loss': float(loss),
+                 'eps_sharpness': float(eps_sharpness(
+                     leaves, x, y, np.float32(args.flat_radius)))}
+    if own_rho.get(name):
+      out[name]['eps_sharpness_own'] = float(eps_sharpness(
+          leaves, x, y, np.float32(own_rho[name])))
   return out
 
 
@@ -501,7 +524,7 @@ def summarize(records):
   """Per noise level: the sweep, the chosen radius and the headline rows."""
   chosen = choose_rho(records)
   out = {}
-  for noise in dict.fromkeys(r['noise'] for r in records):
+  for noise in sorted({r['noise'] for r in records}):
     recs = [r for r in records if r['noise'] == noise]
     configs = list(dict.fromkeys(r['config'] for r in recs))
     seeds = sorted({r['seed'] for r in recs})
@@ -521,7 +544,7 @@ def summarize(records):
             'runs': len(runs)})
 
     at_choice = functools.partial(_at_choice, chosen, noise, recs, seeds)
-    _, sgd_runs = at_choice('SGD')
+    _, sgd_runs = at_choice('SGD') if 'SGD' in configs else (None, None)
     _, sam_runs = at_choice('SAM') if 'SAM' in configs else (None, None)
     rows = {}
     for config in configs:
@@ -539,8 +562,9 @@ def summarize(records):
              'train_noisy_acc': stats([r.get('train_noisy_acc', np.nan)
                                        for r in runs])}
       if sam_runs is not None:
-        row['gain_kept'] = gain_kept(test_of(runs), test_of(sgd_runs),
-                                     test_of(sam_runs))
+        if sgd_runs is not None:
+          row['gain_kept'] = gain_kept(test_of(runs), test_of(sgd_runs),
+                                       test_of(sam_runs))
         diff = np.asarray(test_of(runs)) - np.asarray(test_of(sam_runs))
         row['diff_vs_SAM'] = stats(diff)
         row['passes_vs_SAM'] = (row['passes']['mean']
@@ -636,17 +660,21 @@ def format_flatness(flat):
   """Markdown: flatness per noise level and configuration, mean ± s.e."""
   if not flat:
     return ''
+  def mean_sem(s):
+    return f'{s["mean"]:.3g} ± {s["sem"]:.2g}' if s.get('n') else '–'
+
   lines = ['| noise | configuration | trained at ρ | λ_max ± s.e. | '
-           'ε-sharpness at radius ± s.e. | train loss (flatness subset) | '
-           'test acc. % ± s.e. |', '|---|---|---|---|---|---|---|']
-  for noise, block in flat.items():
+           'ε-sharpness at the common radius ± s.e. | ε-sharpness at the '
+           "run's ρ ± s.e. | train loss (flatness subset) | test acc. % ± "
+           's.e. |', '|---|---|---|---|---|---|---|---|']
+  for noise, block in sorted(flat.items(), key=lambda kv: float(kv[0])):
     for name, row in block['configs'].items():
       lines.append(
           f'| {100 * float(noise):g}% | {name} | '
           f'{format(row["rho"], ".3g") if row.get("rho") else "–"} | '
-          f'{row["lambda_max"]["mean"]:.3g} ± {row["lambda_max"]["sem"]:.2g} | '
-          f'{row["eps_sharpness"]["mean"]:.3g} ± '
-          f'{row["eps_sharpness"]["sem"]:.2g} (at {block["radius"]:g}) | '
+          f'{mean_sem(row["lambda_max"])} | '
+          f'{mean_sem(row["eps_sharpness"])} (at {block["radius"]:g}) | '
+          f'{mean_sem(row.get("eps_sharpness_own", {}))} | '
           f'{row["train_loss"]["mean"]:.3g} | {pct(row["test_acc"])} |')
   return '\n'.join(lines)
 
@@ -768,16 +796,22 @@ def report(result, out, name):
         f'{machine["jax"]}; load average (1 min) {load["start"][0]:.2f} at '
         f'start, {load["end"][0]:.2f} at end; {result["elapsed_s"] / 60:.1f} '
         f'min in all with {result["settings"]["workers"]} worker(s).')
+  for part in result.get('parts', []):
+    print(f'  part {part["file"]}: {part["elapsed_s"] / 60:.1f} min, load '
+          f'{part["load_average"]["start"][0]:.2f} -> '
+          f'{part["load_average"]["end"][0]:.2f}: {part["command"]}')
   print(f'Command: {result["settings"]["command"]}')
 
 
 def merge_results(paths):
-  """One result from saved JSONs of runs with the same settings but radii.
+  """One result from saved JSONs: parts with other radii, budgets or kinds.
 
-  The runs are pooled (a run already present, same noise, seed, configuration
-  and radius, is kept from the first file) and summarized again, so each
-  radius is chosen on validation over the pooled grid. The flatness block is
-  the first file's, measured at that file's choices; it is marked as such.
+  The parts must share the recipe and the seeds. Their runs are pooled (a run
+  already present, same noise, seed, configuration and radius, is kept from
+  the first file) and summarized again, so each configuration's radius is
+  chosen on validation over its pooled grid. Flatness is pooled per noise
+  level and configuration (first file first); each part measured it at the
+  radius it had chosen, which the rows record.
   """
   results = []
   for path in paths:
@@ -786,35 +820,57 @@ def merge_results(paths):
   if len(results) == 1:
     return results[0]
   first = results[0]
-  keep = ('noise', 'seeds', 'epochs', 'p', 'kinds', 'lr', 'batch_size',
-          'width', 'num_samples', 'val_size', 'total_steps')
-  seen, runs = set(), []
-  for result in results:
+  keep = ('seeds', 'epochs', 'lr', 'batch_size', 'width', 'num_samples',
+          'val_size', 'total_steps', 'flat_n', 'flat_iters', 'flat_steps',
+          'flat_radius')
+  seen, runs, flat = set(), [], {}
+  for path, result in zip(paths, results, strict=True):
     for k in keep:
       if result['settings'].get(k) != first['settings'].get(k):
         raise ValueError(f'--from-json: {k} differs between the files: '
                          f'{first["settings"].get(k)} and '
-                         f'{result["settings"].get(k)}.')
+                         f'{result["settings"].get(k)} ({path}).')
     for r in result['runs']:
       key = (r['noise'], r['seed'], r['config'], r['rho_grid'])
       if key not in seen:
         seen.add(key)
         runs.append(r)
+    for noise, block in result.get('flatness', {}).items():
+      into = flat.setdefault(noise, {'radius': block['radius'],
+                                     'configs': {}, 'per_seed': {}})
+      for name, row in block['configs'].items():
+        if name not in into['configs']:
+          into['configs'][name] = dict(row) | {'measured_in': path}
+          for seed, values in block['per_seed'].items():
+            if name in values:
+              into['per_seed'].setdefault(seed, {})[name] = values[name]
+
+  def union(name):
+    values = set()
+    for result in results:
+      v = result['settings'].get(name, [])
+      values |= set(v if isinstance(v, list) else [v])
+    return sorted(values)
+
   merged = dict(first)
   merged['settings'] = dict(first['settings']) | {
+      'noise': union('noise'), 'p': union('p'), 'kinds': union('kinds'),
       'rhos': sorted({r['rho_grid'] for r in runs if r['kind'] != 'sgd'}),
       'command': ' + '.join(r['settings']['command'] for r in results),
       'merged_from': list(paths)}
+  merged['parts'] = [{'file': path, 'command': r['settings']['command'],
+                      'elapsed_s': r['elapsed_s'],
+                      'load_average': r['load_average']}
+                     for path, r in zip(paths, results, strict=True)]
   merged['runs'] = runs
   merged['summary'] = summarize(runs)
+  merged['flatness'] = flat
   merged['elapsed_s'] = sum(r['elapsed_s'] for r in results)
   merged['load_average'] = {'start': first['load_average']['start'],
                             'end': results[-1]['load_average']['end']}
-  for key, block in merged.get('flatness', {}).items():
-    for name, row in block['configs'].items():
-      row.setdefault('rho', first['summary'][key]['rows'][name]['rho'])
   merged['flatness_note'] = (
-      f'flatness measured in {paths[0]}, at the radii chosen on its grid')
+      'flatness is measured by each part at the radius that part chose; '
+      'the rows give it')
   return merged
 
 
@@ -861,23 +917,22 @@ def main(argv=None):
   flat = {}
   for key, block in summary.items():
     noise = block['noise']
-    radius = block['rows']['SAM']['rho'] if 'SAM' in block['rows'] else (
-        args.rhos[0])
     names = flat_targets(block, args.flat_top)
+    own = {n: block['rows'][n]['rho'] for n in names}
     per_seed = {}
     for seed in block['seeds']:
       params = {n: finals[(noise, seed, n, block['rows'][n]['rho_grid'])]
                 for n in names}
-      per_seed[seed] = flatness(args, noise, seed, params, radius)
+      per_seed[seed] = flatness(args, noise, seed, params, own)
     configs = {}
     for n in names:
       vals = [per_seed[s][n] for s in block['seeds'] if n in per_seed[s]]
-      configs[n] = {m: stats([v[m] for v in vals]) for m in (
-          'lambda_max', 'eps_sharpness', 'train_loss')}
+      configs[n] = {m: stats([v.get(m, np.nan) for v in vals]) for m in (
+          'lambda_max', 'eps_sharpness', 'eps_sharpness_own', 'train_loss')}
       configs[n]['test_acc'] = block['rows'][n]['test_acc']
       configs[n]['rho'] = block['rows'][n]['rho']
-    flat[key] = {'radius': radius, 'configs': configs, 'per_seed': {
-        str(s): v for s, v in per_seed.items()}}
+    flat[key] = {'radius': args.flat_radius, 'configs': configs,
+                 'per_seed': {str(s): v for s, v in per_seed.items()}}
   elapsed = time.perf_counter() - start
 
   settings = {k: (list(v) if isinstance(v, tuple) else v)

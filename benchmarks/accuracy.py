@@ -53,6 +53,9 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   args.families = demo.comma_list(parser, '--families', args.families,
                                   FAMILIES)
+  if 'periodic' in args.families and abs(1 / round(1 / args.p) - args.p) > 1e-9:
+    parser.error(f'--families periodic needs --p = 1/k for a whole number k '
+                 f'(0.5, 0.25, ...); got {args.p}. Drop it with --families.')
   return args
 
 

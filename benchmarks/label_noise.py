@@ -181,8 +181,6 @@ def make_configs(args) -> list[Config]:
 
 def schedule_of(config: Config, total_steps: int):
   """p(t) of ``config`` (a float or an optax.Schedule) and a hashable key."""
-  import jax.numpy as jnp
-
   from rst_optax import schedules
   p, kind = config.p, config.kind
   if kind == 'sgd':
@@ -197,8 +195,7 @@ def schedule_of(config: Config, total_steps: int):
     return schedules.family('piecewise', p, total_steps), ('late', p)
   if kind == 'early':
     return schedules.piecewise(1.0, 0.0, round(p * total_steps)), ('early', p)
-  k = config.k
-  return (lambda t: jnp.where(t % k == k - 1, 1.0, 0.0)), ('every', k)
+  return schedules.periodic(config.k), ('every', config.k)
 
 
 def lam_of(config: Config, schedule, total_steps: int) -> float:
@@ -487,7 +484,12 @@ def gain_kept(acc, sgd, sam, n_boot=2000, seed=0):
   """Fraction of SAM's gain kept, paired per seed, with a bootstrap s.e.
 
   ``acc``, ``sgd``, ``sam``: test accuracies per seed, aligned (NaN: a
-  diverged run, whose seed is then left out).
+  diverged run, whose seed is then left out). The s.e. is half the central
+  68% interval of the bootstrap (robust to resamples whose denominator is
+  small). Where SAM's own paired gain over SGD is under three standard
+  errors (the clean regime), that denominator may be near zero in a
+  resample, so no s.e. is given and ``weak`` is set: the fraction is then not
+  a measure to rank by.
   """
   a, b, c = (np.asarray(v, np.float64) for v in (acc, sgd, sam))
   ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
@@ -495,6 +497,11 @@ def gain_kept(acc, sgd, sam, n_boot=2000, seed=0):
   if not len(a) or np.mean(c - b) == 0:
     return {'mean': float('nan'), 'sem': float('nan'), 'n': int(len(a))}
   value = float(np.mean(a - b) / np.mean(c - b))
+  gain = c - b
+  if len(a) > 1 and np.mean(gain) < 3 * np.std(gain, ddof=1) / np.sqrt(
+      len(a)):
+    return {'mean': value, 'sem': float('nan'), 'n': int(len(a)),
+            'weak': True}
   rng = np.random.default_rng(seed)
   boot = []
   for _ in range(n_boot):
@@ -502,7 +509,8 @@ def gain_kept(acc, sgd, sam, n_boot=2000, seed=0):
     den = np.mean(c[i] - b[i])
     if den != 0:
       boot.append(np.mean(a[i] - b[i]) / den)
-  sem = float(np.std(boot, ddof=1)) if len(boot) > 1 and len(a) > 1 else 0.0
+  sem = (float(np.diff(np.percentile(boot, [16, 84]))[0] / 2)
+         if len(boot) > 1 and len(a) > 1 else 0.0)
   return {'mean': value, 'sem': sem, 'n': int(len(a))}
 
 
@@ -546,7 +554,7 @@ def summarize(records):
     at_choice = functools.partial(_at_choice, chosen, noise, recs, seeds)
     _, sgd_runs = at_choice('SGD') if 'SGD' in configs else (None, None)
     _, sam_runs = at_choice('SAM') if 'SAM' in configs else (None, None)
-    rows = {}
+    rows, tests = {}, {}
     for config in configs:
       g, runs = at_choice(config)
       row = {'config': config, 'kind': runs[0]['kind'], 'p': runs[0]['p'],
@@ -574,6 +582,13 @@ def summarize(records):
                                                       strict=True)
             if a['status'] == b['status'] == 'ok'])['mean']
       rows[config] = row
+      tests[config] = test_of(runs)
+    for config, row in rows.items():  # paired against constant p, same p
+      constant = next((c for c, r in rows.items() if r['kind'] == 'rst'
+                       and r['p'] == row['p']), None)
+      if constant is not None and row['kind'] not in ('sgd', 'sam', 'rst'):
+        row['diff_vs_constant'] = stats(np.asarray(tests[config])
+                                        - np.asarray(tests[constant]))
     out[str(noise)] = {'noise': noise, 'seeds': seeds, 'rows': rows,
                        'sweep': sweep}
   return out
@@ -595,8 +610,9 @@ def format_tables(summary):
         f'**{100 * block["noise"]:g}% noisy labels**, {len(block["seeds"])} '
         'seeds; rho chosen on validation.', '',
         '| configuration | rho (lam) | test acc. % ± s.e. | Δ vs SAM pp | '
-        'SAM gain kept ± s.e. | × SAM passes | × SAM time | diverged at ρ / '
-        'in sweep |', '|---|---|---|---|---|---|---|---|']
+        'Δ vs constant p pp | SAM gain kept ± s.e. | × SAM passes | × SAM '
+        'time | diverged at ρ / in sweep |', '|---|---|---|---|---|---|---|'
+        '---|---|']
     for name, row in rows.items():
       rho = '–' if row['kind'] == 'sgd' else f'{row["rho"]:.3g}'
       if row['lam'] != 1.0:
@@ -604,11 +620,17 @@ def format_tables(summary):
       kept = row.get('gain_kept')
       kept_s = (f'{kept["mean"]:.2f} ± {kept["sem"]:.2f}'
                 if kept and np.isfinite(kept['mean']) else '–')
+      if kept and kept.get('weak'):
+        kept_s = f'{kept["mean"]:.2f} (SAM gain < 3 s.e.)'
       diff = row.get('diff_vs_SAM')
       diff_s = (f'{100 * diff["mean"]:+.2f} ± {100 * diff["sem"]:.2f}'
                 if diff and diff['n'] and name != 'SAM' else '–')
+      const = row.get('diff_vs_constant')
+      const_s = (f'{100 * const["mean"]:+.2f} ± {100 * const["sem"]:.2f}'
+                 if const and const['n'] else '–')
       lines.append(
-          f'| {name} | {rho} | {pct(row["test_acc"])} | {diff_s} | {kept_s} '
+          f'| {name} | {rho} | {pct(row["test_acc"])} | {diff_s} | {const_s} '
+          f'| {kept_s} '
           f'| {row.get("passes_vs_SAM", float("nan")):.3f} '
           f'| {row.get("wall_vs_SAM", float("nan")):.2f} '
           f'| {row["diverged"]} / {row["diverged_in_sweep"]} |')
@@ -656,6 +678,57 @@ def format_sweep(summary):
   return '\n\n'.join(parts)
 
 
+def stability(summary):
+  """{config: {noise: (largest stable grid radius, first unstable, n)}}.
+
+  Stable: no seed diverged at that radius. ``first unstable`` is the smallest
+  grid radius where some seed diverged (None if none did) and ``n`` how many
+  seeds did there.
+  """
+  out = {}
+  for key, block in summary.items():
+    for s in block['sweep']:
+      if s['config'] == 'SGD':
+        continue
+      out.setdefault(s['config'], {}).setdefault(key, []).append(s)
+  table = {}
+  for config, by_noise in out.items():
+    for key, sweep in by_noise.items():
+      sweep = sorted(sweep, key=lambda s: s['rho_grid'])
+      bad = [s for s in sweep if s['diverged']]
+      first = bad[0] if bad else None
+      below = [s['rho_grid'] for s in sweep if not s['diverged']
+               and (first is None or s['rho_grid'] < first['rho_grid'])]
+      table.setdefault(config, {})[key] = (
+          max(below) if below else None,
+          first['rho_grid'] if first else None,
+          f'{first["diverged"]}/{first["runs"]}' if first else '')
+  return table
+
+
+def format_stability(summary):
+  """Markdown: per configuration (with its lam), where divergence starts."""
+  keys = list(summary)
+  table = stability(summary)
+  lines = ['| configuration | λ | ' + ' | '.join(
+      f'{100 * summary[k]["noise"]:g}% noise' for k in keys) + ' |',
+           '|---|---|' + '---|' * len(keys)]
+  lams = {s['config']: s['lam'] for b in summary.values() for s in b['sweep']}
+  for config, by_noise in table.items():
+    cells = []
+    for k in keys:
+      if k not in by_noise:
+        cells.append('')
+        continue
+      ok, first, n = by_noise[k]
+      cells.append((f'stable to {ok:g}' if ok is not None else 'none stable')
+                   + (f'; diverged from {first:g} ({n})' if first is not None
+                      else '; none diverged'))
+    lines.append(f'| {config} | {lams[config]:.3g} | ' + ' | '.join(cells)
+                 + ' |')
+  return '\n'.join(lines)
+
+
 def format_flatness(flat):
   """Markdown: flatness per noise level and configuration, mean ± s.e."""
   if not flat:
@@ -696,19 +769,32 @@ def plot(summary, flat, path, flat_path, title):
     ps = sorted({row['p'] for row in block['rows'].values()
                  if row['kind'] not in ('sgd', 'sam')})
     colors = {p: f'C{i + 2}' for i, p in enumerate(ps)}
+    # Where SAM's gain over SGD is under 2 s.e., a fraction of it means
+    # little: plot the paired difference to SAM in points instead.
+    weak = any(r.get('gain_kept', {}).get('weak')
+               for r in block['rows'].values())
     for name, row in block['rows'].items():
       kept = row.get('gain_kept')
       if not kept or not np.isfinite(kept['mean']):
         continue
+      if weak:
+        diff = row['diff_vs_SAM']
+        y, err = 100 * diff['mean'], 100 * diff['sem']
+      else:
+        y, err = kept['mean'], kept['sem']
       color = {'sgd': 'C0', 'sam': 'C1'}.get(row['kind'],
                                              colors.get(row['p']))
-      ax.errorbar(row['passes_vs_SAM'], kept['mean'], yerr=kept['sem'],
+      ax.errorbar(row['passes_vs_SAM'], y, yerr=err,
                   fmt=markers[row['kind']], color=color, capsize=2,
                   label=name, alpha=0.85)
-    ax.axhline(1.0, color='C1', lw=0.8, ls='--')
-    ax.axhline(0.0, color='C0', lw=0.8, ls='--')
+    if weak:
+      ax.axhline(0.0, color='C1', lw=0.8, ls='--')
+      ax.set_ylabel("test accuracy − SAM's, points (paired ± s.e.)")
+    else:
+      ax.axhline(1.0, color='C1', lw=0.8, ls='--')
+      ax.axhline(0.0, color='C0', lw=0.8, ls='--')
+      ax.set_ylabel("fraction of SAM's gain over SGD kept (± s.e.)")
     ax.set_xlabel('gradient evaluations, × SAM')
-    ax.set_ylabel("fraction of SAM's gain over SGD kept (± s.e.)")
     ax.set_title(f'{100 * block["noise"]:g}% noisy labels', fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
@@ -789,6 +875,8 @@ def report(result, out, name):
   machine, load = result['machine'], result['load_average']
   print('\n' + format_tables(summary) + '\n')
   print(format_sweep(summary) + '\n')
+  print('Stability (grid radii; SAM-equivalent for the scaled kinds):\n\n'
+        + format_stability(summary) + '\n')
   print(format_flatness(flat) + '\n')
   if result.get('flatness_note'):
     print(f'Flatness: {result["flatness_note"]}.')
@@ -817,8 +905,8 @@ def merge_results(paths):
   for path in paths:
     with open(path) as f:
       results.append(json.load(f))
-  if len(results) == 1:
-    return results[0]
+  if len(results) == 1:  # summarized again, by this version of the script
+    return results[0] | {'summary': summarize(results[0]['runs'])}
   first = results[0]
   keep = ('seeds', 'epochs', 'lr', 'batch_size', 'width', 'num_samples',
           'val_size', 'total_steps', 'flat_n', 'flat_iters', 'flat_steps',

@@ -25,6 +25,7 @@ __all__ = [
     'linear',
     'matching_lam',
     'mean_probability',
+    'periodic',
     'piecewise',
     'trigonometric',
 ]
@@ -143,9 +144,41 @@ def trigonometric(
   return schedule
 
 
-#: The schedule families :func:`family` builds, by name.
+def periodic(every: int) -> optax.Schedule:
+  r"""A SAM step at every ``every``-th step, and none between: no coin at all.
+
+  .. math:: p(t) = \begin{cases} 1 & t \bmod k = k - 1 \\ 0 &
+     \text{otherwise} \end{cases}
+
+  with :math:`k` = ``every``. A probability of exactly 1 or 0 makes the coin
+  of :func:`rst_optax.rst` certain, so the run is deterministic: SAM at steps
+  :math:`k - 1, 2k - 1, \dots`, mean probability :math:`1 / k`. With
+  ``lam=matching_lam(...)`` (:math:`\lambda = k`) this is the periodic SAM
+  of init2winit's ``factor_sam``.
+
+  Args:
+    every: :math:`k`, the period in steps, ``>= 1`` (1: SAM at every step).
+
+  Returns:
+    An ``optax.Schedule``.
+
+  Example:
+    >>> from rst_optax import schedules
+    >>> s = schedules.periodic(4)
+    >>> [float(s(t)) for t in range(8)]
+    [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+  """
+  k = _checks.step('periodic', 'every', every, 1)
+
+  def schedule(count):
+    count = jnp.asarray(count)
+    return jnp.where(count % k == k - 1, 1.0, 0.0).astype(jnp.float32)
+
+  return schedule
+
+
 #: The names :func:`family` accepts.
-FAMILIES = ('constant', 'piecewise', 'linear', 'trigonometric')
+FAMILIES = ('constant', 'piecewise', 'linear', 'trigonometric', 'periodic')
 
 
 def family(name: str, mean_p: float, total_steps: int) -> optax.Schedule:
@@ -161,10 +194,13 @@ def family(name: str, mean_p: float, total_steps: int) -> optax.Schedule:
     "linear increasing" schedule.
   - ``'trigonometric'``: ``trigonometric(max(0, 2P - 1), min(1, 2P), T)``,
     rising along a half cosine between the same ends.
+  - ``'periodic'``: ``periodic(1 / P)``, a SAM step every :math:`1 / P`
+    steps, deterministic; :math:`1 / P` must be a whole number (P = 0.5,
+    0.25, 0.2, ...), or P = 0 (never).
 
   Each has :func:`mean_probability` :math:`P` over ``[0, T)``, up to
-  :math:`1 / (2T)` from the discrete steps, so runs of different families
-  cost the same on average.
+  :math:`1 / (2T)` from the discrete steps (``'periodic'``: up to
+  :math:`1 / T`), so runs of different families cost the same on average.
 
   Args:
     name: one of :data:`FAMILIES`.
@@ -189,6 +225,15 @@ def family(name: str, mean_p: float, total_steps: int) -> optax.Schedule:
     return constant(p)
   if name == 'piecewise':
     return piecewise(0.0, 1.0, round((1.0 - p) * total))
+  if name == 'periodic':
+    if p == 0.0:
+      return constant(0.0)
+    every = round(1.0 / p)
+    if abs(1.0 / every - p) > 1e-9:
+      raise ValueError(
+          "family: for name='periodic', `mean_p` must be 1/k for a whole "
+          f'number k (0.5, 0.25, 0.2, ...) or 0; got {mean_p!r}.')
+    return periodic(every)
   low, high = max(0.0, 2.0 * p - 1.0), min(1.0, 2.0 * p)
   if name == 'linear':
     return linear(low, high, total)

@@ -93,3 +93,12 @@ def test_cifar10_resnet_runs_a_few_steps_on_tiny_data(tmp_path):
 def test_cifar10_resnet_says_how_to_get_missing_data(tmp_path):
   with pytest.raises(SystemExit, match='cifar-10-python.tar.gz'):
     cifar10_resnet.main(['--data', str(tmp_path / 'missing')])
+
+
+def test_the_periodic_schedule_flag_needs_p_of_one_over_k():
+  with pytest.raises(SystemExit):
+    mnist1d_demo.parse_args(['--schedule', 'periodic', '--p', '0.3'])
+  args = mnist1d_demo.parse_args(['--schedule', 'periodic', '--p', '0.2'])
+  _, schedule, lam = mnist1d_demo.make_tx('grst', args, 100, seed=0)
+  assert lam == pytest.approx(5.0)
+  assert [float(schedule(t)) for t in range(5)] == [0, 0, 0, 0, 1]

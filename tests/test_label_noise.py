@@ -233,3 +233,92 @@ def test_saved_results_with_other_radii_are_pooled_and_chosen_again(tmp_path):
   paths[1].write_text(json.dumps(bad))
   with pytest.raises(ValueError, match='seeds'):
     ln.merge_results([str(p) for p in paths])
+
+
+def test_a_part_without_baselines_has_no_sgd_sam_and_no_gain():
+  args = ln.parse_args(['--p', '0.25', '--kinds', 'rst,grst',
+                        '--no-baselines'])
+  assert [c.kind for c in ln.make_configs(args)] == ['rst', 'grst']
+  recs = [record('RST', rho, s, val, val) for s in range(2)
+          for rho, val in ((0.1, 0.7), (0.4, 0.8))]
+  recs += [record('linear', 0.4, s, 0.8, 0.75 + 0.1 * s, kind='linear')
+           for s in range(2)]
+  summary = ln.summarize(recs)
+  row = summary['0.2']['rows']['RST']
+  assert row['rho_grid'] == 0.4 and 'gain_kept' not in row
+  assert 'diff_vs_constant' not in row
+  # paired with constant p (kind 'rst', same p) per seed: -0.05 and +0.05
+  diff = summary['0.2']['rows']['linear']['diff_vs_constant']
+  assert diff['mean'] == pytest.approx(0.0) and diff['std'] == pytest.approx(
+      0.1 / np.sqrt(2))
+  assert '| RST | 0.4 | 80.00 ± 0.00 | – | – |' in ln.format_tables(summary)
+  with pytest.raises(SystemExit):
+    ln.parse_args(['--flat-radius', '0'])
+
+
+def test_parts_with_other_budgets_pool_their_runs_and_flatness(tmp_path):
+  def part(runs, flat, command, p):
+    return {'settings': {'noise': [0.2], 'seeds': 2, 'p': p,
+                         'kinds': ['rst'], 'flat_radius': 0.2,
+                         'command': command},
+            'elapsed_s': 60.0, 'load_average': {'start': [1], 'end': [2]},
+            'runs': runs, 'summary': ln.summarize(runs),
+            'flatness': {'0.2': {'radius': 0.2, 'configs': flat,
+                                 'per_seed': {'0': {n: {} for n in flat}}}}}
+
+  base = [record('SGD', 0.0, s, 0.6, 0.6, kind='sgd') for s in range(2)]
+  base += [record('SAM', 0.2, s, 0.8, 0.8, kind='sam', passes=20)
+           for s in range(2)]
+  base += [record('RST p=0.5', 0.2, s, 0.7, 0.7, passes=15)
+           for s in range(2)]
+  low = [record('RST p=0.25', 0.4, s, 0.75, 0.65 + 0.1 * s, passes=12)
+         for s in range(2)]
+  paths = [tmp_path / 'a.json', tmp_path / 'b.json']
+  paths[0].write_text(json.dumps(part(base, {'SGD': {'rho': 0}, 'SAM': {
+      'rho': 0.2}}, 'a', [0.5])))
+  paths[1].write_text(json.dumps(part(low, {'RST p=0.25': {'rho': 0.4},
+                                            'SAM': {'rho': 9}}, 'b', [0.25])))
+  merged = ln.merge_results([str(p) for p in paths])
+  assert merged['settings']['p'] == [0.25, 0.5]
+  assert merged['elapsed_s'] == 120.0 and len(merged['parts']) == 2
+  rows = merged['summary']['0.2']['rows']
+  assert set(rows) == {'SGD', 'SAM', 'RST p=0.5', 'RST p=0.25'}
+  # gain kept by the no-baseline part's configuration, against the other
+  # part's SGD and SAM, paired per seed: (0.05 + 0.15) / (0.2 + 0.2).
+  assert rows['RST p=0.25']['gain_kept']['mean'] == pytest.approx(0.5)
+  assert rows['RST p=0.25']['passes_vs_SAM'] == pytest.approx(0.6)
+  flat = merged['flatness']['0.2']['configs']
+  assert list(flat) == ['SGD', 'SAM', 'RST p=0.25']
+  assert flat['SAM']['rho'] == 0.2  # the first part's, not repeated
+  assert flat['RST p=0.25']['measured_in'] == str(paths[1])
+  other = part(low, {}, 'c', [0.25])
+  other['settings']['flat_radius'] = 0.1
+  paths[1].write_text(json.dumps(other))
+  with pytest.raises(ValueError, match='flat_radius'):
+    ln.merge_results([str(p) for p in paths])
+
+
+def test_the_stable_region_ends_below_the_first_divergence():
+  recs = []
+  for seed in range(2):
+    for rho, bad in ((0.1, False), (0.2, seed == 0), (0.4, False)):
+      recs.append(record('G-RST', rho, seed, math.nan if bad else 0.7,
+                         math.nan if bad else 0.7,
+                         status='nan' if bad else 'ok'))
+    recs.append(record('RST', 0.1, seed, 0.7, 0.7))
+  table = ln.stability(ln.summarize(recs))
+  # 0.4 did not diverge, but it lies above the first divergence at 0.2.
+  assert table['G-RST']['0.2'] == (0.1, 0.2, '1/2')
+  assert table['RST']['0.2'] == (0.1, None, '')
+  text = ln.format_stability(ln.summarize(recs))
+  assert '| G-RST | 1 | stable to 0.1; diverged from 0.2 (1/2) |' in text
+
+
+def test_gain_kept_gives_no_error_bar_when_sams_gain_is_within_noise():
+  sgd = [0.60, 0.60, 0.60]
+  sam = [0.62, 0.60, 0.61]  # gain 0.01 ± 0.006: under three s.e.
+  kept = ln.gain_kept([0.61, 0.61, 0.61], sgd, sam)
+  assert kept['weak'] and math.isnan(kept['sem'])
+  assert kept['mean'] == pytest.approx(1.0)
+  strong = ln.gain_kept([0.7, 0.7, 0.7], sgd, [0.8, 0.81, 0.79])
+  assert 'weak' not in strong and strong['sem'] > 0

@@ -140,7 +140,7 @@ def test_schedules_reach_the_last_step():
 
 def test_families():
   assert schedules.FAMILIES == ('constant', 'piecewise', 'linear',
-                                'trigonometric')
+                                'trigonometric', 'periodic')
   total = 400
   rising = values(schedules.family('linear', 0.3, total), total)
   np.testing.assert_allclose(rising[[0, total // 2]], [0.0, 0.3], atol=1e-6)
@@ -155,9 +155,46 @@ def test_families():
 @pytest.mark.parametrize('mean_p', [0.0, 0.1, 0.5, 0.8, 1.0])
 def test_each_family_has_the_mean_it_was_given(name, mean_p):
   total = 1000
+  if name == 'periodic' and mean_p == 0.8:  # 1 / 0.8 is not a whole number
+    with pytest.raises(ValueError, match="family: for name='periodic', "
+                       r'`mean_p` must be 1/k .* got 0.8'):
+      schedules.family(name, mean_p, total)
+    return
   s = schedules.family(name, mean_p, total)
   assert schedules.mean_probability(s, total) == pytest.approx(
       mean_p, abs=1 / (2 * total) + 1e-6)
+
+
+@pytest.mark.parametrize('every', [1, 2, 3, 5])
+def test_periodic_takes_sam_exactly_every_k_steps_whatever_the_seed(every):
+  s = schedules.periodic(every)
+  want = np.arange(60) % every == every - 1
+  np.testing.assert_array_equal(values(s, 60), want.astype(np.float32))
+  for seed in range(3):  # p(t) in {0, 1}: the coin is certain
+    plan = rst_optax.decisions(s, seed, 0, 60)
+    np.testing.assert_array_equal(plan, want)
+  assert schedules.family('periodic', 1 / every, 60)(every - 1) == 1.0
+  assert schedules.matching_lam(s, 60 * every) == pytest.approx(every)
+  # the in-graph branch takes the same steps as the host-side plan
+  tx = rst_optax.rst(optax.sgd(0.1), s, rho=0.1, seed=0)
+  params = {'w': jnp.ones(3)}
+  state = tx.init(params)
+  grad_fn = lambda p: jax.tree.map(lambda x: 2 * x, p)
+  taken = []
+  for _ in range(2 * every):
+    before = int(state.sam_steps)
+    _, state = tx.update(params, state, params, grad_fn=grad_fn)
+    taken.append(int(state.sam_steps) > before)
+  np.testing.assert_array_equal(taken, want[:2 * every])
+
+
+def test_periodic_refuses_a_period_below_one():
+  with pytest.raises(ValueError, match='periodic: `every`'):
+    schedules.periodic(0)
+  with pytest.raises(TypeError, match='periodic: `every`'):
+    schedules.periodic(2.0)
+  assert float(schedules.periodic(3)(2**31 - 1)) == float(
+      (2**31 - 1) % 3 == 2)
 
 
 def test_a_vector_schedule_is_refused():

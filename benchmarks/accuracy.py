@@ -53,9 +53,11 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   args.families = demo.comma_list(parser, '--families', args.families,
                                   FAMILIES)
-  if 'periodic' in args.families and abs(1 / round(1 / args.p) - args.p) > 1e-9:
-    parser.error(f'--families periodic needs --p = 1/k for a whole number k '
-                 f'(0.5, 0.25, ...); got {args.p}. Drop it with --families.')
+  for family in args.families:
+    try:  # the family's own check of p (periodic needs p = 1/k)
+      rst_optax.schedules.family(family, args.p, total_steps=1)
+    except ValueError as e:
+      parser.error(f'--families {family} --p {args.p}: {e}')
   return args
 
 

@@ -159,10 +159,12 @@ def parse_args(argv=None):
   if not args.rhos or not all(r > 0 for r in args.rhos):
     parser.error(f'--rhos: radii > 0; got {args.rhos}.')
   if any(k.startswith('every_k') for k in args.kinds):
+    from rst_optax import schedules
     for p in args.p:
-      if abs(1.0 / round(1.0 / p) - p) > 1e-9:
-        parser.error(f'--p {p}: the every-k kinds need p = 1 / k for an '
-                     'integer k (0.5, 0.25, 0.2, ...); drop them with --kinds.')
+      try:  # the every-k kinds are schedules.periodic: p = 1/k
+        schedules.family('periodic', p, total_steps=1)
+      except ValueError as e:
+        parser.error(f'--p {p}: {e} Drop the every-k kinds with --kinds.')
   return args
 
 
@@ -697,8 +699,8 @@ def stability(summary):
       sweep = sorted(sweep, key=lambda s: s['rho_grid'])
       bad = [s for s in sweep if s['diverged']]
       first = bad[0] if bad else None
-      below = [s['rho_grid'] for s in sweep if not s['diverged']
-               and (first is None or s['rho_grid'] < first['rho_grid'])]
+      below = [s['rho_grid'] for s in sweep
+               if first is None or s['rho_grid'] < first['rho_grid']]
       table.setdefault(config, {})[key] = (
           max(below) if below else None,
           first['rho_grid'] if first else None,
@@ -769,7 +771,7 @@ def plot(summary, flat, path, flat_path, title):
     ps = sorted({row['p'] for row in block['rows'].values()
                  if row['kind'] not in ('sgd', 'sam')})
     colors = {p: f'C{i + 2}' for i, p in enumerate(ps)}
-    # Where SAM's gain over SGD is under 2 s.e., a fraction of it means
+    # Where SAM's gain over SGD is under 3 s.e., a fraction of it means
     # little: plot the paired difference to SAM in points instead.
     weak = any(r.get('gain_kept', {}).get('weak')
                for r in block['rows'].values())

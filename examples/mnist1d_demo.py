@@ -79,9 +79,10 @@ def parse_args(argv=None):
   args.methods = comma_list(parser, '--methods', args.methods, METHODS)
   if not 0.0 < args.p <= 1.0:
     parser.error(f'--p must be in (0, 1]; got {args.p}.')
-  if args.schedule == 'periodic' and abs(1 / round(1 / args.p) - args.p) > 1e-9:
-    parser.error(f'--schedule periodic needs --p = 1/k for a whole number k '
-                 f'(0.5, 0.25, 0.2, ...); got {args.p}.')
+  try:  # the family's own check of p (periodic needs p = 1/k)
+    schedules.family(args.schedule, args.p, total_steps=1)
+  except ValueError as e:
+    parser.error(f'--schedule {args.schedule} --p {args.p}: {e}')
   for name in ('seeds', 'epochs', 'batch_size', 'width', 'num_samples'):
     if getattr(args, name) < 1:
       parser.error(f'--{name.replace("_", "-")} must be >= 1.')

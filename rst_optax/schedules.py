@@ -171,8 +171,7 @@ def periodic(every: int) -> optax.Schedule:
   k = _checks.step('periodic', 'every', every, 1)
 
   def schedule(count):
-    count = jnp.asarray(count)
-    return jnp.where(count % k == k - 1, 1.0, 0.0).astype(jnp.float32)
+    return (jnp.asarray(count) % k == k - 1).astype(jnp.float32)
 
   return schedule
 

@@ -7,9 +7,6 @@ the same computation written in plain JAX, running statistics included: they
 must come from the first (unperturbed) pass only.
 """
 
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,19 +216,6 @@ def test_eqx_grad_fn_with_other_parameters_says_so():
   grad_fn = equinox_utils.eqx_grad_fn(_activated_loss, model, x)
   with pytest.raises(ValueError, match='eqx_grad_fn: .*filter_spec'):
     grad_fn({'w': jnp.ones(3)})
-
-
-def test_equinox_utils_without_equinox_says_how_to_install_it():
-  code = ("import sys\n"
-          "sys.modules['equinox'] = None\n"
-          'import rst_optax\n'  # The core does not need Equinox.
-          'try:\n'
-          '  import rst_optax.equinox_utils\n'
-          'except ImportError as e:\n'
-          '  print(e)\n')
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                       text=True, timeout=120, check=True).stdout
-  assert 'pip install "rst_optax[equinox]"' in out
 
 
 def test_equinox_example_runs_both_dispatch_modes_alike():

@@ -4,12 +4,13 @@ from rst_optax import schedules, sharpness
 from rst_optax._coin import coin
 from rst_optax._decisions import decisions, iter_decisions
 from rst_optax._dispatch import HostDispatch, recommended_dispatch
-from rst_optax._rst import RSTState, rst
+from rst_optax._rst import RSTReuseState, RSTState, rst
 
 __version__ = '0.1.0'
 
 __all__ = [
     'HostDispatch',
+    'RSTReuseState',
     'RSTState',
     'coin',
     'decisions',

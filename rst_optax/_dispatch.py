@@ -19,16 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from rst_optax import _checks, _coin, _decisions
-from rst_optax._rst import RSTState
+from rst_optax._rst import STATE_TYPES, RSTReuseState, RSTState
 
 
-def _as_rst_state(node: Any) -> RSTState | None:
-  """``node`` as an :class:`RSTState`, if it is one or a mapping of its fields.
+def _as_rst_state(node: Any) -> RSTState | RSTReuseState | None:
+  """``node`` as an :class:`RSTState` (or :class:`RSTReuseState`), if it is
+  one or a mapping of its fields.
 
   ``flax.nnx.state`` lays an optimizer's ``RSTState`` out as a mapping from
   field names to variables (an empty ``base_state`` is left out).
   """
-  if isinstance(node, RSTState):
+  if isinstance(node, STATE_TYPES):
     return node
   if isinstance(node, Mapping) and all(
       field in node for field in ('count', 'key', 'sam_steps')):
@@ -37,14 +38,14 @@ def _as_rst_state(node: Any) -> RSTState | None:
   return None
 
 
-def _rst_states(tree: Any) -> list[RSTState]:
+def _rst_states(tree: Any) -> list[RSTState | RSTReuseState]:
   """The :class:`RSTState` objects found in ``tree`` (see `_as_rst_state`)."""
   nodes = jax.tree.leaves(
       tree, is_leaf=lambda x: _as_rst_state(x) is not None)
   return [s for s in map(_as_rst_state, nodes) if s is not None]
 
 
-def _count_arrays(states: list[RSTState]) -> list[jax.Array]:
+def _count_arrays(states: list[RSTState | RSTReuseState]) -> list[jax.Array]:
   """The ``count`` arrays of ``states``, as arrays this process can read."""
   arrays = []
   for state in states:

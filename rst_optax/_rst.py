@@ -5,7 +5,6 @@ a sharpness-aware (SAM) branch that evaluates the gradient a second time at
 perturbed parameters; otherwise it goes to the base optimizer as it is.
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rst_optax import _checks, _coin, _types
+from rst_optax import _checks, _coin, _norms, _reuse, _types
 
 # eps must stay positive once rounded to float32.
 _EPS_MIN = float(np.finfo(np.float32).tiny)
@@ -47,6 +46,34 @@ class RSTState(NamedTuple):
   base_state: optax.OptState
 
 
+class RSTReuseState(NamedTuple):
+  r"""State of :func:`rst` with ``reuse`` (LookSAM): :class:`RSTState`'s
+  fields and the direction that base steps reuse.
+
+  Attributes:
+    count: as in :class:`RSTState`.
+    key: as in :class:`RSTState`.
+    sam_steps: as in :class:`RSTState`.
+    base_state: as in :class:`RSTState`.
+    reuse_direction: :math:`g_v / \|g_v\|`, the unit vector of the part of
+      the last SAM step's direction orthogonal to its gradient, with the
+      structure of the parameters: each perturbed leaf in its parameter's
+      dtype, ``optax.MaskedNode()`` where ``mask`` leaves the parameter out.
+      Zero before the first SAM step, and after a SAM step whose
+      :math:`g_v` was zero or not finite; base steps then reuse nothing.
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count
+  key: jax.Array
+  sam_steps: jax.Array
+  base_state: optax.OptState
+  reuse_direction: optax.Updates
+
+
+# The states of rst, with and without reuse.
+STATE_TYPES = (RSTState, RSTReuseState)
+
+
 def _mark_varying(tree: optax.Params, axis_name: str) -> optax.Params:
   """Marks ``tree`` as varying over ``axis_name`` where it is not already.
 
@@ -65,121 +92,6 @@ def _mark_varying(tree: optax.Params, axis_name: str) -> optax.Params:
   return jax.tree.map(mark, tree)
 
 
-def _compute_dtype(*dtypes) -> np.dtype:
-  """The dtype to compute in: the widest of ``dtypes``, and at least float32."""
-  return jax.dtypes.canonicalize_dtype(jnp.result_type(jnp.float32, *dtypes))
-
-
-def _max_abs(leaves: list[jax.Array], dtype) -> jax.Array:
-  """The largest ``|x|`` over all entries of ``leaves`` (NaN if any is NaN,
-  0 if there are none), as a ``dtype`` scalar."""
-  maxima = [jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]
-  return functools.reduce(jnp.maximum, maxima, jnp.zeros([], dtype))
-
-
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-  """Whether every entry of ``leaves`` is finite, as a bool scalar."""
-  return functools.reduce(
-      jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in leaves],
-      jnp.asarray(True))
-
-
-def _scaled_down(leaves: list[jax.Array], dtype) -> tuple[
-    list[jax.Array], jax.Array, jax.Array]:
-  """``leaves`` divided by ``c``, the power of two just above their largest
-  entry (exactly: only the exponents change), so that the largest is in
-  [0.5, 1). Returns them, ``c`` (a ``dtype`` scalar; 1 if all are zero) and
-  the largest entry (NaN or Inf if any entry is)."""
-  largest = _max_abs(leaves, dtype)
-  _, exponent = jnp.frexp(largest)
-  scaled = [jnp.ldexp(x, -exponent) for x in leaves]
-  return scaled, jnp.ldexp(jnp.ones([], dtype), exponent), largest
-
-
-def _scaled_perturbation(
-    g: list[jax.Array], w: list[jax.Array], rho: jax.Array, eps: float,
-    eta: float | None,
-) -> tuple[list[jax.Array], jax.Array]:
-  r"""SAM's perturbation of the leaves ``w`` along the leaves ``g``, scaled.
-
-  :math:`e = \rho\, s^2 g / (\|s g\|_2 + \varepsilon)` with :math:`s = 1`
-  (SAM) or :math:`s = |w| + \eta` (ASAM, when ``eta`` is not None). The norm
-  is scaled: :math:`s` and then :math:`s g` are divided by a power of two near
-  their largest entry before squaring, so it neither overflows nor underflows
-  for any finite :math:`g` and :math:`w`. Each leaf is computed in its own
-  dtype and at least float32, the scalars in the widest of those.
-
-  Returns:
-    The perturbation of each leaf (in its compute dtype), and whether
-    :math:`s g` is finite (if not, the perturbation is meaningless).
-  """
-  dtypes = [_compute_dtype(a.dtype, b.dtype) for a, b in zip(g, w, strict=True)]
-  wide = _compute_dtype(*dtypes)
-  x = [a.astype(d) for a, d in zip(g, dtypes, strict=True)]
-  c_s = jnp.ones([], wide)
-  if eta is not None:
-    s = [jnp.abs(b.astype(d)) + jnp.asarray(eta, d)
-         for b, d in zip(w, dtypes, strict=True)]
-    s_scaled, c_s, _ = _scaled_down(s, wide)
-    x = [si * xi for si, xi in zip(s_scaled, x, strict=True)]
-  unit, c_x, largest = _scaled_down(x, wide)
-  # ||s g|| = c_s * c_x * scaled_norm, where 0.5 <= scaled_norm <= sqrt(n)
-  # unless g is zero.
-  scaled_norm = jnp.sqrt(sum((jnp.sum(jnp.square(u)).astype(wide)
-                              for u in unit), jnp.zeros([], wide)))
-  scale = jnp.asarray(rho, wide) / (scaled_norm + eps / (c_s * c_x))
-  e = [scale.astype(d) * u for u, d in zip(unit, dtypes, strict=True)]
-  if eta is not None:
-    e = [si * ei for si, ei in zip(s, e, strict=True)]
-  return e, jnp.isfinite(largest)
-
-
-def _perturbation(
-    g: list[jax.Array], w: list[jax.Array], rho: jax.Array, eps: float,
-    eta: float | None,
-) -> tuple[list[jax.Array], jax.Array]:
-  """:func:`_scaled_perturbation`, computed directly on CPU when that is exact.
-
-  On CPU, where a small model's step is short enough for two more reductions
-  over the parameters to show (about 12% of a 23k-parameter MLP's SAM step),
-  the plain sum of squares of :math:`s g` is computed first; where it is
-  finite and far enough above the smallest normal number that no flushed
-  square matters, the perturbation follows from it at once, and otherwise
-  (an overflow, an underflow, a zero or a non-finite gradient) a
-  ``jax.lax.cond`` takes the scaled computation. Elsewhere the scaled
-  computation always runs: a ``cond`` there could make the host wait for its
-  predicate, and the extra reductions are cheap next to the gradient. The
-  choice is ``jax.lax.platform_dependent``, made when lowering.
-  """
-  dtypes = [_compute_dtype(a.dtype, b.dtype) for a, b in zip(g, w, strict=True)]
-  wide = _compute_dtype(*dtypes)
-  x = [a.astype(d) for a, d in zip(g, dtypes, strict=True)]
-  s = None
-  if eta is not None:
-    s = [jnp.abs(b.astype(d)) + jnp.asarray(eta, d)
-         for b, d in zip(w, dtypes, strict=True)]
-    x = [si * xi for si, xi in zip(s, x, strict=True)]
-  squares = sum((jnp.sum(jnp.square(u)).astype(wide) for u in x),
-                jnp.zeros([], wide))
-  # Squares below the smallest normal number may be flushed to zero; above
-  # this floor, all of them together are below the rounding error of the sum.
-  size = max(sum(u.size for u in x), 1)
-  floor = float(jnp.finfo(wide).tiny) * size / float(jnp.finfo(wide).eps)
-
-  def direct(_):
-    scale = jnp.asarray(rho, wide) / (jnp.sqrt(squares) + eps)
-    e = [scale.astype(d) * u for u, d in zip(x, dtypes, strict=True)]
-    if s is not None:
-      e = [si * ei for si, ei in zip(s, e, strict=True)]
-    return e, jnp.isfinite(squares)  # True here, typed like the data
-
-  scaled = lambda _=None: _scaled_perturbation(g, w, rho, eps, eta)
-  return jax.lax.platform_dependent(
-      cpu=lambda: jax.lax.cond(
-          jnp.isfinite(squares) & (squares >= floor), direct, scaled, None),
-      default=scaled)
-
-
 def _radius(rho_t: Any) -> jax.Array:
   """rho(t), with a negative or NaN value (from a schedule) taken as 0."""
   rho_t = jnp.asarray(rho_t)
@@ -193,7 +105,7 @@ def _mix(g: optax.Updates, g_sam: optax.Updates, lam: jax.Array
   exactly."""
 
   def leaf(a, b):
-    d = _compute_dtype(a.dtype, b.dtype)
+    d = _norms.compute_dtype(a.dtype, b.dtype)
     a_d = a.astype(d)
     return (a_d + jnp.asarray(lam, d) * (b.astype(d) - a_d)).astype(a.dtype)
 
@@ -248,6 +160,17 @@ def _check_update_args(updates, params, grad_fn, take_sam, args) -> None:
     _checks.take_sam('rst', take_sam)
 
 
+def _check_state(state: Any, reusing: bool) -> None:
+  """Refuses a state of the other kind (with or without ``reuse``)."""
+  want = RSTReuseState if reusing else RSTState
+  if isinstance(state, STATE_TYPES) and not isinstance(state, want):
+    made = 'with' if isinstance(state, RSTReuseState) else 'without'
+    raise TypeError(
+        f'rst: `state` is a {type(state).__name__}, made by an rst {made} '
+        f'`reuse`, but this rst {"has" if reusing else "has no"} `reuse`: '
+        'initialize the state with this transformation\'s init.')
+
+
 def rst(
     base_tx: optax.GradientTransformation,
     schedule: _types.ScalarOrSchedule = 0.5,
@@ -255,6 +178,7 @@ def rst(
     lam: _types.ScalarOrSchedule = 1.0,
     *,
     seed: _types.Seed = 0,
+    reuse: _types.ScalarOrSchedule = 0.0,
     adaptive: bool = False,
     eta: float = 0.01,
     eps: float = 1e-12,
@@ -430,6 +354,7 @@ def rst(
                  allow_schedule=True)
   _checks.number('rst', 'rho', rho, low=0.0, allow_schedule=True)
   _checks.number('rst', 'lam', lam, allow_schedule=True)
+  _checks.number('rst', 'reuse', reuse, low=0.0, allow_schedule=True)
   _checks.number('rst', 'eta', eta, low=0.0)
   _checks.number('rst', 'eps', eps, low=_EPS_MIN)
   _checks.seed('rst', seed)
@@ -454,6 +379,8 @@ def rst(
   p_schedule = _checks.checked_schedule('rst', 'schedule', schedule)
   rho_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'rho', rho))
   lam_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'lam', lam))
+  alpha_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'reuse', reuse))
+  reusing = not _coin.is_python_constant(reuse, 0.0)
   plain_rst = _coin.is_python_constant(lam, 1.0)
   if _coin.is_python_constant(schedule, 0.0):
     fixed_branch: bool | None = False
@@ -462,35 +389,48 @@ def rst(
   else:
     fixed_branch = None
 
-  def init_fn(params: optax.Params) -> RSTState:
+  def init_fn(params: optax.Params) -> RSTState | RSTReuseState:
     _checks.not_masked('rst', 'params', params, _SUPPORTED_SUBSET)
-    _perturbed_leaves(mask, params)  # checks mask against params early
-    return RSTState(
+    selected = _perturbed_leaves(mask, params)  # checks mask against params
+    fields = dict(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.key_data(_coin.as_key(seed)),
         sam_steps=jnp.zeros([], jnp.int32),
         base_state=base_tx.init(params),
     )
+    if not reusing:
+      return RSTState(**fields)
+    leaves, treedef = jax.tree.flatten(params)
+    return RSTReuseState(**fields, reuse_direction=treedef.unflatten([
+        jnp.zeros_like(w) if m else optax.MaskedNode()
+        for w, m in zip(leaves, selected, strict=True)]))
+
+  def split(params, *trees):
+    """The selected leaves of each of ``trees`` (laid out like ``params``),
+    and a function that puts new selected leaves back into a tree."""
+    treedef = jax.tree.structure(params)
+    selected = _perturbed_leaves(mask, params)
+    picked = [[x for x, m in zip(treedef.flatten_up_to(t), selected,
+                                 strict=True) if m] for t in trees]
+
+    def merge(tree, new):
+      new = iter(new)
+      return treedef.unflatten([next(new) if m else x for x, m in zip(
+          treedef.flatten_up_to(tree), selected, strict=True)])
+
+    return picked, merge
 
   def perturb(params, g, count):
     """``params`` plus the perturbation along ``g`` on the selected leaves;
     and whether the perturbation is finite."""
-    w_leaves, treedef = jax.tree.flatten(params)
-    g_leaves = treedef.flatten_up_to(g)
-    selected = _perturbed_leaves(mask, params)
-    pick = lambda leaves: [x for x, m in zip(leaves, selected, strict=True)
-                           if m]
-    e, finite = _perturbation(pick(g_leaves), pick(w_leaves),
-                              _radius(rho_fn(count)), eps,
-                              eta if adaptive else None)
-    e = iter(e)
-    perturbed = []
-    for w, m in zip(w_leaves, selected, strict=True):
-      if m:
-        e_w = next(e)
-        w = (w.astype(e_w.dtype) + e_w).astype(w.dtype)
-      perturbed.append(w)
-    return treedef.unflatten(perturbed), finite, all(selected)
+    (g_leaves, w_leaves), merge = split(params, g, params)
+    e, finite = _norms.perturbation(g_leaves, w_leaves,
+                                    _radius(rho_fn(count)), eps,
+                                    eta if adaptive else None)
+    perturbed = [(w.astype(e_w.dtype) + e_w).astype(w.dtype)
+                 for w, e_w in zip(w_leaves, e, strict=True)]
+    return (merge(params, perturbed), finite,
+            len(w_leaves) == len(jax.tree.leaves(params)))
 
   def sam_direction(g, g_local, params, grad_fn, count):
     """The SAM-branch direction (G-RST mix), perturbing along ``g_local``."""
@@ -510,21 +450,46 @@ def rst(
     # (With local perturbations, check the averaged g, the same on every
     # device, as the base branch returns it; with a mask, check all of g.)
     if local:
-      finite = _all_finite(jax.tree.leaves(g))
+      finite = _norms.all_finite(jax.tree.leaves(g))
     elif not all_selected:
-      finite &= _all_finite(jax.tree.leaves(g))
+      finite &= _norms.all_finite(jax.tree.leaves(g))
     return optax.tree.where(finite, direction, g)
+
+  def branches(params, grad_fn, count):
+    """The SAM and base branches: ``(g, g_local, reused) -> (direction,
+    reused)``, ``reused`` the reuse direction (None without ``reuse``)."""
+
+    def sam_branch(g, g_local, reused):
+      direction = sam_direction(g, g_local, params, grad_fn, count)
+      if reused is None:
+        return direction, None
+      # The part of the direction taken (mixed, or g after a fault) that g
+      # lacks; with the averaged g, so it is the same on every device.
+      (d_leaves, g_leaves, old), merge = split(params, direction, g, reused)
+      return direction, merge(reused, _reuse.orthogonal_unit(
+          d_leaves, g_leaves, [u.dtype for u in old]))
+
+    def base_branch(g, g_local, reused):
+      del g_local
+      if reused is None:
+        return g, None
+      (g_leaves, u_leaves), merge = split(params, g, reused)
+      return merge(g, _reuse.with_reuse(g_leaves, u_leaves,
+                                        alpha_fn(count))), reused
+
+    return sam_branch, base_branch
 
   def update_fn(
       updates: optax.Updates,
-      state: RSTState,
+      state: RSTState | RSTReuseState,
       params: optax.Params | None = None,
       *args: Any,
       grad_fn: _types.GradFn | None = None,
       take_sam: bool | jax.Array | None = None,
       **extra_args: Any,
-  ) -> tuple[optax.Updates, RSTState]:
+  ) -> tuple[optax.Updates, RSTState | RSTReuseState]:
     _check_update_args(updates, params, grad_fn, take_sam, args)
+    _check_state(state, reusing)
     count = state.count
     local_updates = updates
     if local:
@@ -534,30 +499,26 @@ def rst(
     if take_sam is None:
       key = jax.random.wrap_key_data(state.key, impl=key_impl)
       take_sam = _coin.coin(key, count, p_schedule)
+    sam_branch, base_branch = branches(params, grad_fn, count)
+    reused = state.reuse_direction if reusing else None
     if isinstance(take_sam, (bool, np.bool_)):
-      direction = (
-          sam_direction(updates, local_updates, params, grad_fn, count)
-          if take_sam else updates)
+      branch = sam_branch if take_sam else base_branch
+      direction, reused = branch(updates, local_updates, reused)
       sam_steps = (optax.safe_increment(state.sam_steps) if take_sam
                    else state.sam_steps)
     else:
       take_sam = jnp.asarray(take_sam, bool)
-      direction = jax.lax.cond(
-          take_sam,
-          lambda g, g_local: sam_direction(g, g_local, params, grad_fn, count),
-          lambda g, g_local: g,
-          updates, local_updates,
-      )
+      direction, reused = jax.lax.cond(
+          take_sam, sam_branch, base_branch, updates, local_updates, reused)
       sam_steps = jnp.where(take_sam, optax.safe_increment(state.sam_steps),
                             state.sam_steps)
     new_updates, base_state = base_tx.update(
         direction, state.base_state, params, **extra_args)
-    return new_updates, RSTState(
-        count=optax.safe_increment(count),
-        key=state.key,
-        sam_steps=sam_steps,
-        base_state=base_state,
-    )
+    fields = dict(count=optax.safe_increment(count), key=state.key,
+                  sam_steps=sam_steps, base_state=base_state)
+    if not reusing:
+      return new_updates, RSTState(**fields)
+    return new_updates, RSTReuseState(**fields, reuse_direction=reused)
 
   _coin.attach_config(update_fn, schedule, seed)  # read by HostDispatch
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

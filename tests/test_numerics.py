@@ -397,15 +397,15 @@ def test_direct_and_scaled_perturbations_agree(eta, scale):
   """On CPU an ordinary gradient takes the direct norm; GPU and TPU always
   take the scaled one (``jax.lax.platform_dependent``). Both are the same
   perturbation, to float32 rounding, so the scaled path is checked here."""
-  from rst_optax import _rst
+  from rst_optax import _norms
 
   rng = np.random.default_rng(0)
   g = [jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
        for s in ((7, 3), (5,), ())]
   w = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in g]
   direct, finite = jax.jit(
-      lambda g, w: _rst._perturbation(g, w, 0.05, 1e-12, eta))(g, w)
+      lambda g, w: _norms.perturbation(g, w, 0.05, 1e-12, eta))(g, w)
   scaled, scaled_finite = jax.jit(
-      lambda g, w: _rst._scaled_perturbation(g, w, 0.05, 1e-12, eta))(g, w)
+      lambda g, w: _norms.scaled_perturbation(g, w, 0.05, 1e-12, eta))(g, w)
   assert bool(finite) and bool(scaled_finite)
   chex.assert_trees_all_close(direct, scaled, rtol=1e-5, atol=1e-12)

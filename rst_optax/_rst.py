@@ -500,7 +500,8 @@ def rst(
       key = jax.random.wrap_key_data(state.key, impl=key_impl)
       take_sam = _coin.coin(key, count, p_schedule)
     sam_branch, base_branch = branches(params, grad_fn, count)
-    reused = state.reuse_direction if reusing else None
+    reused = (state.reuse_direction if isinstance(state, RSTReuseState)
+              else None)
     if isinstance(take_sam, (bool, np.bool_)):
       branch = sam_branch if take_sam else base_branch
       direction, reused = branch(updates, local_updates, reused)

@@ -25,6 +25,14 @@ def orthogonal_unit(d: list[jax.Array], g: list[jax.Array],
   (``d`` parallel to ``g``, or both zero) or not finite (a NaN or Inf in
   ``d`` or ``g``), the result is zero: nothing is reused.
 
+  On CPU the computation sits in a ``jax.lax.cond`` on whether ``g`` is
+  finite (no gradient inside), whose operands XLA materializes: it then reads
+  the same ``d`` and ``g`` whether the step runs under host dispatch or in
+  ``rst``'s own ``cond``. Otherwise XLA:CPU may fuse a copy of their last
+  operation into the inner products, rounded differently (an FMA), and the
+  difference of nearly parallel vectors magnifies that last bit: host
+  dispatch and the ``cond`` would keep different directions.
+
   Args:
     d: the SAM-branch direction, a list of leaves.
     g: the gradient, leaves of the same shapes.
@@ -33,6 +41,17 @@ def orthogonal_unit(d: list[jax.Array], g: list[jax.Array],
   Returns:
     The unit vector, or zeros, as leaves of ``dtypes``.
   """
+  compute = lambda d, g: _orthogonal_unit(d, g, dtypes)
+  zeros = lambda d, g: [jnp.zeros(x.shape, t)
+                        for x, t in zip(d, dtypes, strict=True)]
+  return jax.lax.platform_dependent(
+      d, g, default=compute, cpu=lambda d, g: jax.lax.cond(
+          _norms.all_finite(g), compute, zeros, d, g))
+
+
+def _orthogonal_unit(d: list[jax.Array], g: list[jax.Array],
+                     dtypes: list) -> list[jax.Array]:
+  """:func:`orthogonal_unit` itself, on every platform."""
   compute = [_norms.compute_dtype(a.dtype, b.dtype)
              for a, b in zip(d, g, strict=True)]
   wide = _norms.compute_dtype(*compute)
@@ -50,8 +69,8 @@ def orthogonal_unit(d: list[jax.Array], g: list[jax.Array],
   v_unit, _, _ = _norms.scaled_down(v, wide)
   norm = jnp.sqrt(_norms.sum_of_squares(v_unit, wide))
   keep = jnp.isfinite(norm) & (norm > 0)
-  inverse = jnp.where(keep, 1 / jnp.where(keep, norm, 1), 0)
-  return [(x * inverse.astype(c)).astype(t)
+  inverse = 1 / jnp.where(keep, norm, 1)
+  return [jnp.where(keep, x * inverse.astype(c), 0).astype(t)
           for x, c, t in zip(v_unit, compute, dtypes, strict=True)]
 
 

@@ -1,4 +1,4 @@
-"""The label-noise benchmark: its noise, schedules, selection and plumbing."""
+"""The label-noise benchmark: noise, kinds, selection, report, plumbing."""
 
 import json
 import math
@@ -7,37 +7,37 @@ import numpy as np
 import pytest
 
 import rst_optax
-from benchmarks import label_noise as ln
+from benchmarks.label_noise import cli, kinds, report, stats, train
 
 
 def test_corrupt_labels_replaces_the_fraction_asked_and_only_it():
   y = np.arange(1000, dtype=np.int32) % 10
-  noisy, replaced = ln.corrupt_labels(y, 0.4, seed=3)
+  noisy, replaced = train.corrupt_labels(y, 0.4, seed=3)
   assert replaced.sum() == 400
   np.testing.assert_array_equal(noisy[~replaced], y[~replaced])
   changed = (noisy != y).mean()
   assert 0.3 < changed <= 0.4  # a uniform draw hits the true class 1 in 10
   assert noisy.min() >= 0 and noisy.max() <= 9 and noisy.dtype == y.dtype
-  again, _ = ln.corrupt_labels(y, 0.4, seed=3)
-  other, _ = ln.corrupt_labels(y, 0.4, seed=4)
+  again, _ = train.corrupt_labels(y, 0.4, seed=3)
+  other, _ = train.corrupt_labels(y, 0.4, seed=4)
   np.testing.assert_array_equal(again, noisy)
   assert (other != noisy).any()
-  clean, none = ln.corrupt_labels(y, 0.0, seed=3)
+  clean, none = train.corrupt_labels(y, 0.0, seed=3)
   assert not none.any()
   np.testing.assert_array_equal(clean, y)
 
 
 def configs(**overrides):
-  args = ln.parse_args(['--p', '0.5,0.25'])
+  args = cli.parse_args(['--p', '0.5,0.25'])
   for k, v in overrides.items():
     setattr(args, k, v)
-  return {c.name: c for c in ln.make_configs(args)}
+  return {c.name: c for c in kinds.make_configs(args)}
 
 
 def test_configurations_scale_rho_and_lam_as_named():
   total = 400
   by = configs()
-  assert len(by) == 2 + 2 * len(ln.KINDS)
+  assert len(by) == 2 + 2 * len(kinds.KINDS)
   for p, k in ((0.5, 2), (0.25, 4)):
     get = lambda kind, p=p: next(c for c in by.values()
                                  if c.kind == kind and c.p == p)
@@ -46,21 +46,21 @@ def test_configurations_scale_rho_and_lam_as_named():
     assert get('rst').rho_scale == get('grst').rho_scale == 1.0
     for kind in ('rst', 'grst', 'linear', 'trigonometric', 'late', 'early',
                  'every_k_lam', 'every_k_rho'):
-      schedule, _ = ln.schedule_of(get(kind), total)
+      schedule, _ = kinds.schedule_of(get(kind), total)
       assert rst_optax.schedules.mean_probability(schedule, total) == (
           pytest.approx(p, abs=2e-3)), kind
     grst = get('grst')
-    assert ln.lam_of(grst, ln.schedule_of(grst, total)[0], total) == (
+    assert kinds.lam_of(grst, kinds.schedule_of(grst, total)[0], total) == (
         pytest.approx(1 / p))
     every = get('every_k_lam')
-    assert ln.lam_of(every, ln.schedule_of(every, total)[0], total) == k
-    assert ln.lam_of(get('rst'), 0.5, total) == 1.0
+    assert kinds.lam_of(every, kinds.schedule_of(every, total)[0], total) == k
+    assert kinds.lam_of(get('rst'), 0.5, total) == 1.0
 
 
 def test_every_k_takes_a_sam_step_exactly_every_k_steps():
   by = configs()
   every = next(c for c in by.values() if c.kind == 'every_k_rho' and c.p == 0.25)
-  schedule, _ = ln.schedule_of(every, 400)
+  schedule, _ = kinds.schedule_of(every, 400)
   plan = rst_optax.decisions(schedule, seed=7, start=0, stop=12)
   assert plan.tolist() == [False, False, False, True] * 3
 
@@ -69,25 +69,50 @@ def test_early_and_late_phases_put_sam_at_either_end():
   by = configs()
   early = next(c for c in by.values() if c.kind == 'early' and c.p == 0.25)
   late = next(c for c in by.values() if c.kind == 'late' and c.p == 0.25)
-  plan_e = rst_optax.decisions(ln.schedule_of(early, 100)[0], 0, 0, 100)
-  plan_l = rst_optax.decisions(ln.schedule_of(late, 100)[0], 0, 0, 100)
+  plan_e = rst_optax.decisions(kinds.schedule_of(early, 100)[0], 0, 0, 100)
+  plan_l = rst_optax.decisions(kinds.schedule_of(late, 100)[0], 0, 0, 100)
   assert plan_e[:25].all() and not plan_e[25:].any()
   assert plan_l[75:].all() and not plan_l[:75].any()
 
 
+def test_a_kind_is_one_entry_of_the_table(monkeypatch):
+  # A periodic kind with reuse, as LookSAM will be: one entry, and the flags,
+  # the configurations, the schedule and the grid follow from it.
+  monkeypatch.setitem(kinds.KINDS, 'reuse_periodic', kinds.Kind(
+      'every k, reuse', 'periodic', reuse=True))
+  args = cli.parse_args(['--kinds', 'rst,reuse_periodic', '--p', '0.25'])
+  by = {c.name: c for c in kinds.make_configs(args)}
+  assert list(by) == ['SGD', 'SAM', 'RST p=0.25', 'every k, reuse p=0.25']
+  new = by['every k, reuse p=0.25']
+  assert new.k == 4 and new.rho_scale == 1.0
+  assert kinds.lam_of(new, 0.25, 400) == 1.0
+  plan = rst_optax.decisions(kinds.schedule_of(new, 400)[0], 0, 0, 8)
+  assert plan.tolist() == [False, False, False, True] * 2
+  # alpha: every pair for a kind with reuse, 0 alone for the others
+  assert kinds.grid_of(new, (0.1, 0.2), alphas=(0.5, 1.0)) == [
+      (0.1, 0.5), (0.2, 0.5), (0.1, 1.0), (0.2, 1.0)]
+  assert kinds.grid_of(by['RST p=0.25'], (0.1, 0.2), alphas=(0.5,)) == [
+      (0.1, 0.0), (0.2, 0.0)]
+  assert kinds.grid_of(by['SGD'], (0.1, 0.2), alphas=(0.5,)) == [(0.0, 0.0)]
+  with pytest.raises(SystemExit):  # a periodic kind needs p = 1/k
+    cli.parse_args(['--kinds', 'reuse_periodic', '--p', '0.3'])
+
+
 def test_every_k_needs_p_of_one_over_k():
   with pytest.raises(SystemExit):
-    ln.parse_args(['--p', '0.3'])
-  args = ln.parse_args(['--p', '0.3', '--kinds', 'rst,grst'])
+    cli.parse_args(['--p', '0.3'])
+  args = cli.parse_args(['--p', '0.3', '--kinds', 'rst,grst'])
   assert args.p == (0.3,)
 
 
 def record(config, rho, seed, val, test, status='ok', kind='rst', passes=10,
-           noise=0.2):
-  return {'config': config, 'kind': kind, 'p': 0.5, 'rho_grid': rho,
-          'rho': rho, 'lam': 1.0, 'seed': seed, 'noise': noise,
-          'val_acc': val, 'test_acc': test, 'status': status,
-          'passes': passes, 'wall_s': 1.0}
+           noise=0.2, alpha=None):
+  """A run record; without ``alpha``, as the files written before it."""
+  out = {'config': config, 'kind': kind, 'p': 0.5, 'rho_grid': rho,
+         'rho': rho, 'lam': 1.0, 'seed': seed, 'noise': noise,
+         'val_acc': val, 'test_acc': test, 'status': status,
+         'passes': passes, 'wall_s': 1.0}
+  return out if alpha is None else out | {'alpha': alpha}
 
 
 def test_rho_is_chosen_on_validation_never_on_test():
@@ -95,7 +120,33 @@ def test_rho_is_chosen_on_validation_never_on_test():
   for seed in range(3):
     recs.append(record('RST', 0.1, seed, val=0.80, test=0.70))
     recs.append(record('RST', 0.4, seed, val=0.70, test=0.90))
-  assert ln.choose_rho(recs) == {(0.2, 'RST'): 0.1}
+  assert stats.choose(recs) == {(0.2, 'RST'): (0.1, 0.0)}
+
+
+def test_alpha_is_chosen_with_rho_on_validation_and_shown():
+  recs = []
+  for seed in range(2):
+    for rho, alpha, val in ((0.1, 0.0, 0.70), (0.1, 0.5, 0.80),
+                            (0.2, 0.5, 0.75), (0.2, 1.0, 0.80)):
+      recs.append(record('reuse', rho, seed, val, val - 0.1 * rho,
+                         alpha=alpha))
+  # (0.1, 0.5) and (0.2, 1.0) tie on validation: the smaller alpha wins.
+  assert stats.choose(recs) == {(0.2, 'reuse'): (0.1, 0.5)}
+  summary = stats.summarize(recs)
+  row = summary['0.2']['rows']['reuse']
+  assert (row['rho_grid'], row['alpha']) == (0.1, 0.5)
+  assert row['test_acc']['mean'] == pytest.approx(0.79)
+  tables = report.format_tables(summary)
+  assert 'rho and α chosen on validation' in tables
+  assert '| reuse | 0.1, α 0.5 | 79.00 ± 0.00 |' in tables
+  sweep = report.format_sweep(summary)  # one line per alpha; 0: the name
+  assert '| reuse | 69.0 (70.0) |  |' in sweep
+  assert '| reuse α=0.5 | 79.0 (80.0) | 73.0 (75.0) |' in sweep
+  assert '| reuse α=1 |  | 78.0 (80.0) |' in sweep
+  assert set(stats.stability(summary)) == {'reuse', 'reuse α=0.5',
+                                           'reuse α=1'}
+  assert '| reuse α=1 | 1 | stable to 0.2; none diverged |' in (
+      report.format_stability(summary))
 
 
 def test_a_diverged_seed_counts_at_chance_in_the_choice():
@@ -103,7 +154,7 @@ def test_a_diverged_seed_counts_at_chance_in_the_choice():
   recs += [record('RST', 0.4, 0, val=0.95, test=0.9),
            record('RST', 0.4, 1, val=math.nan, test=math.nan, status='nan')]
   # 0.4: (0.95 + chance) / 2 = 0.525 < 0.75.
-  assert ln.choose_rho(recs) == {(0.2, 'RST'): 0.1}
+  assert stats.choose(recs) == {(0.2, 'RST'): (0.1, 0.0)}
 
 
 def test_diverged_runs_are_counted_and_not_averaged_in():
@@ -116,7 +167,7 @@ def test_diverged_runs_are_counted_and_not_averaged_in():
                        math.nan if bad else 0.70,
                        status='nan' if bad else 'ok', passes=15))
   recs.append(record('RST', 0.1, 0, 0.1, 0.1, status='chance', passes=15))
-  rows = ln.summarize(recs)['0.2']['rows']
+  rows = stats.summarize(recs)['0.2']['rows']
   rst = rows['RST']
   assert rst['rho_grid'] == 0.2
   assert rst['diverged'] == 1 and rst['diverged_in_sweep'] == 2
@@ -127,23 +178,23 @@ def test_diverged_runs_are_counted_and_not_averaged_in():
   assert rst['passes_vs_SAM'] == pytest.approx(0.75)
   assert rows['SAM']['gain_kept']['mean'] == pytest.approx(1.0)
   assert rows['SGD']['gain_kept']['mean'] == pytest.approx(0.0)
-  assert '| RST | 0.2 | 70.00 ± 0.00 |' in ln.format_tables(
-      ln.summarize(recs))
+  assert '| RST | 0.2 | 70.00 ± 0.00 |' in report.format_tables(
+      stats.summarize(recs))
 
 
 def test_a_run_at_chance_level_counts_as_diverged():
-  assert ln.run_status(0.3, 0.9) == 'ok'
-  assert ln.run_status(2.3, 0.11) == 'chance'
-  assert ln.run_status(2.3, math.nan) == 'chance'
-  assert ln.run_status(math.nan, 0.9) == 'nan'
-  assert ln.run_status(math.inf, 0.9) == 'nan'
+  assert stats.run_status(0.3, 0.9) == 'ok'
+  assert stats.run_status(2.3, 0.11) == 'chance'
+  assert stats.run_status(2.3, math.nan) == 'chance'
+  assert stats.run_status(math.nan, 0.9) == 'nan'
+  assert stats.run_status(math.inf, 0.9) == 'nan'
 
 
 def test_gain_kept_is_paired_per_seed():
   sgd = [0.60, 0.70]
   sam = [0.80, 0.80]
   acc = [0.70, 0.75]  # keeps 0.5 of the gain on both seeds
-  kept = ln.gain_kept(acc, sgd, sam)
+  kept = stats.gain_kept(acc, sgd, sam)
   assert kept['mean'] == pytest.approx(0.15 / 0.3)
   assert kept['n'] == 2
 
@@ -161,14 +212,14 @@ def test_a_diverging_run_is_detected_and_stops(tmp_path):
   graphdef, params = nnx.split(demo.CNN(4, 40, nnx.Rngs(0)), nnx.Param)
   params = jax.tree.map(jax.numpy.asarray, params)
   orders = [np.arange(64, dtype=np.int32).reshape(4, 16)] * 3
-  trainer = ln.build_trainer(graphdef, 12, lr=1e6)
-  rec, final = ln.train_one(trainer, params, data, data['y'], 1.0, 0.1, 1.0,
+  trainer = train.build_trainer(graphdef, 12, lr=1e6)
+  rec, final = train.train_one(trainer, params, data, data['y'], 1.0, 0.1, 1.0,
                             0, orders, 12)
   assert rec['status'] == 'nan' and final is None
   assert math.isnan(rec['test_acc']) and rec['steps'] == 4  # one epoch
   assert rec['passes'] == 24  # as planned: SAM, 12 steps
-  trainer = ln.build_trainer(graphdef, 12, lr=0.01)
-  rec, final = ln.train_one(trainer, params, data, data['y'], 0.5, 0.1, 2.0,
+  trainer = train.build_trainer(graphdef, 12, lr=0.01)
+  rec, final = train.train_one(trainer, params, data, data['y'], 0.5, 0.1, 2.0,
                             0, orders, 12)
   assert rec['status'] in ('ok', 'chance') and rec['steps'] == 12
   assert rec['sam_steps'] == int(rst_optax.decisions(0.5, 0, 0, 12).sum())
@@ -177,7 +228,7 @@ def test_a_diverging_run_is_detected_and_stops(tmp_path):
 
 def test_quick_run_end_to_end(tmp_path):
   out = tmp_path / 'out'
-  result = ln.main(['--quick', '--kinds', 'grst,every_k_lam', '--out',
+  result = cli.main(['--quick', '--kinds', 'grst,every_k_lam', '--out',
                     str(out), '--cache', str(tmp_path / 'cache')])
   steps = result['settings']['total_steps']
   assert steps == 4 * (300 // 50)
@@ -215,14 +266,14 @@ def test_saved_results_with_other_radii_are_pooled_and_chosen_again(tmp_path):
                for s in range(2)]
     return {'settings': {'noise': [0.2], 'seeds': 2, 'command': command},
             'elapsed_s': 1.0, 'load_average': {'start': [1], 'end': [2]},
-            'runs': runs, 'summary': ln.summarize(runs)}
+            'runs': runs, 'summary': stats.summarize(runs)}
 
   paths = []
   for i, (rhos, vals) in enumerate((((0.1, 0.4), (0.7, 0.75)),
                                     ((0.3, 0.1), (0.8, 0.0)))):
     paths.append(tmp_path / f'{i}.json')
     paths[-1].write_text(json.dumps(result(rhos, vals, f'run {i}')))
-  merged = ln.merge_results([str(p) for p in paths])
+  merged = report.merge_results([str(p) for p in paths])
   assert merged['settings']['rhos'] == [0.1, 0.3, 0.4]
   assert len(merged['runs']) == 2 + 3 * 2  # SGD and SAM at 0.1 not repeated
   rows = merged['summary']['0.2']['rows']
@@ -232,18 +283,42 @@ def test_saved_results_with_other_radii_are_pooled_and_chosen_again(tmp_path):
   bad['settings']['seeds'] = 3
   paths[1].write_text(json.dumps(bad))
   with pytest.raises(ValueError, match='seeds'):
-    ln.merge_results([str(p) for p in paths])
+    report.merge_results([str(p) for p in paths])
+
+
+def test_files_without_alpha_still_load_and_pool_with_new_ones(tmp_path):
+  def part(runs, command):
+    return {'settings': {'noise': [0.2], 'seeds': 2, 'command': command},
+            'elapsed_s': 1.0, 'load_average': {'start': [1], 'end': [2]},
+            'runs': runs}
+
+  old = [record('SGD', 0.0, s, 0.6, 0.6, kind='sgd') for s in range(2)]
+  old += [record('SAM', 0.2, s, 0.8, 0.8, kind='sam', passes=20)
+          for s in range(2)]
+  new = [r | {'alpha': 0.0} for r in old]  # the same runs, written anew
+  new += [record('SAM', 0.4, s, 0.9, 0.9, kind='sam', passes=20, alpha=0.0)
+          for s in range(2)]
+  paths = [tmp_path / 'old.json', tmp_path / 'new.json']
+  paths[0].write_text(json.dumps(part(old, 'old')))
+  paths[1].write_text(json.dumps(part(new, 'new')))
+  merged = report.merge_results([str(p) for p in paths])
+  assert len(merged['runs']) == 4 + 2  # the same runs are not counted twice
+  assert all(r['alpha'] == 0.0 for r in merged['runs'])
+  sam = merged['summary']['0.2']['rows']['SAM']
+  assert (sam['rho_grid'], sam['alpha']) == (0.4, 0.0)
+  alone = report.merge_results([str(paths[0])])
+  assert alone['summary']['0.2']['rows']['SAM']['alpha'] == 0.0
 
 
 def test_a_part_without_baselines_has_no_sgd_sam_and_no_gain():
-  args = ln.parse_args(['--p', '0.25', '--kinds', 'rst,grst',
+  args = cli.parse_args(['--p', '0.25', '--kinds', 'rst,grst',
                         '--no-baselines'])
-  assert [c.kind for c in ln.make_configs(args)] == ['rst', 'grst']
+  assert [c.kind for c in kinds.make_configs(args)] == ['rst', 'grst']
   recs = [record('RST', rho, s, val, test + 0.04 * s) for s in range(2)
           for rho, val, test in ((0.1, 0.7, 0.7), (0.4, 0.8, 0.78))]
   recs += [record('linear', 0.4, s, 0.8, 0.75 + 0.1 * s, kind='linear')
            for s in range(2)]
-  summary = ln.summarize(recs)
+  summary = stats.summarize(recs)
   row = summary['0.2']['rows']['RST']
   assert row['rho_grid'] == 0.4 and 'gain_kept' not in row
   assert 'diff_vs_constant' not in row
@@ -252,9 +327,9 @@ def test_a_part_without_baselines_has_no_sgd_sam_and_no_gain():
   diff = summary['0.2']['rows']['linear']['diff_vs_constant']
   assert diff['mean'] == pytest.approx(0.0) and diff['std'] == pytest.approx(
       0.06 / np.sqrt(2))
-  assert '| RST | 0.4 | 80.00 ± 2.00 | – | – |' in ln.format_tables(summary)
+  assert '| RST | 0.4 | 80.00 ± 2.00 | – | – |' in report.format_tables(summary)
   with pytest.raises(SystemExit):
-    ln.parse_args(['--flat-radius', '0'])
+    cli.parse_args(['--flat-radius', '0'])
 
 
 def test_parts_with_other_budgets_pool_their_runs_and_flatness(tmp_path):
@@ -263,7 +338,7 @@ def test_parts_with_other_budgets_pool_their_runs_and_flatness(tmp_path):
                          'kinds': ['rst'], 'flat_radius': 0.2,
                          'command': command},
             'elapsed_s': 60.0, 'load_average': {'start': [1], 'end': [2]},
-            'runs': runs, 'summary': ln.summarize(runs),
+            'runs': runs, 'summary': stats.summarize(runs),
             'flatness': {'0.2': {'radius': 0.2, 'configs': flat,
                                  'per_seed': {'0': {n: {} for n in flat}}}}}
 
@@ -279,7 +354,7 @@ def test_parts_with_other_budgets_pool_their_runs_and_flatness(tmp_path):
       'rho': 0.2}}, 'a', [0.5])))
   paths[1].write_text(json.dumps(part(low, {'RST p=0.25': {'rho': 0.4},
                                             'SAM': {'rho': 9}}, 'b', [0.25])))
-  merged = ln.merge_results([str(p) for p in paths])
+  merged = report.merge_results([str(p) for p in paths])
   assert merged['settings']['p'] == [0.25, 0.5]
   assert merged['elapsed_s'] == 120.0 and len(merged['parts']) == 2
   rows = merged['summary']['0.2']['rows']
@@ -296,7 +371,7 @@ def test_parts_with_other_budgets_pool_their_runs_and_flatness(tmp_path):
   other['settings']['flat_radius'] = 0.1
   paths[1].write_text(json.dumps(other))
   with pytest.raises(ValueError, match='flat_radius'):
-    ln.merge_results([str(p) for p in paths])
+    report.merge_results([str(p) for p in paths])
 
 
 def test_the_stable_region_ends_below_the_first_divergence():
@@ -307,19 +382,88 @@ def test_the_stable_region_ends_below_the_first_divergence():
                          math.nan if bad else 0.7,
                          status='nan' if bad else 'ok'))
     recs.append(record('RST', 0.1, seed, 0.7, 0.7))
-  table = ln.stability(ln.summarize(recs))
+  table = stats.stability(stats.summarize(recs))
   # 0.4 did not diverge, but it lies above the first divergence at 0.2.
   assert table['G-RST']['0.2'] == (0.1, 0.2, '1/2')
   assert table['RST']['0.2'] == (0.1, None, '')
-  text = ln.format_stability(ln.summarize(recs))
+  text = report.format_stability(stats.summarize(recs))
   assert '| G-RST | 1 | stable to 0.1; diverged from 0.2 (1/2) |' in text
 
 
 def test_gain_kept_gives_no_error_bar_when_sams_gain_is_within_noise():
   sgd = [0.60, 0.60, 0.60]
   sam = [0.62, 0.60, 0.61]  # gain 0.01 ± 0.006: under three s.e.
-  kept = ln.gain_kept([0.61, 0.61, 0.61], sgd, sam)
+  kept = stats.gain_kept([0.61, 0.61, 0.61], sgd, sam)
   assert kept['weak'] and math.isnan(kept['sem'])
   assert kept['mean'] == pytest.approx(1.0)
-  strong = ln.gain_kept([0.7, 0.7, 0.7], sgd, [0.8, 0.81, 0.79])
+  strong = stats.gain_kept([0.7, 0.7, 0.7], sgd, [0.8, 0.81, 0.79])
   assert 'weak' not in strong and strong['sem'] > 0
+
+
+def hand_bootstrap(acc, sgd, sam, n_boot=2000, seed=0):
+  """The bootstrap scipy replaced: resamples of seeds, s.e. and how many
+  resamples with a zero denominator it left out."""
+  rng = np.random.default_rng(seed)
+  boot, left_out = [], 0
+  for _ in range(n_boot):
+    i = rng.integers(0, len(acc), len(acc))
+    den = np.mean(sam[i] - sgd[i])
+    if den != 0:
+      boot.append(np.mean(acc[i] - sgd[i]) / den)
+    else:
+      left_out += 1
+  return np.diff(np.percentile(boot, [16, 84]))[0] / 2, left_out
+
+
+def test_gain_kept_se_is_half_the_central_68pc_of_a_paired_bootstrap():
+  rng = np.random.default_rng(1)
+  seed_effect = rng.normal(0, 0.1, 8)  # shared by a seed's three runs
+  sgd = 0.6 + seed_effect + rng.normal(0, 0.005, 8)
+  sam = 0.8 + seed_effect + rng.normal(0, 0.01, 8)
+  acc = 0.7 + seed_effect + rng.normal(0, 0.02, 8)
+  kept = stats.gain_kept(acc, sgd, sam)
+  assert kept['mean'] == pytest.approx(np.mean(acc - sgd) / np.mean(
+      sam - sgd))
+  # Resampled per seed (unpaired, the s.e. would be about twice as large).
+  assert kept['sem'] == pytest.approx(hand_bootstrap(acc, sgd, sam)[0],
+                                      rel=0.1)
+
+
+def test_a_resample_without_sam_gain_is_left_out_of_the_interval():
+  # Gains of 1/8 on 27 seeds and -1/4 on 3 (exact in binary): a resample
+  # with 10 of the 3 has a denominator of exactly zero.
+  sgd = np.full(30, 0.5)
+  sam = np.array([0.625] * 27 + [0.25] * 3)
+  acc = np.array([0.5625] * 27 + [0.5] * 3)
+  expected, left_out = hand_bootstrap(acc, sgd, sam)
+  assert left_out >= 1
+  kept = stats.gain_kept(acc, sgd, sam)
+  assert 'weak' not in kept
+  assert kept['sem'] == pytest.approx(expected, rel=0.1)
+
+
+def test_the_headline_shows_gain_difference_or_accuracy_as_data_allow(
+    tmp_path):
+  from benchmarks.label_noise import plots
+
+  def block(sam_test):
+    recs = [record('SGD', 0.0, s, 0.6, 0.6, kind='sgd')
+            for s in range(3)]
+    recs += [record('SAM', 0.2, s, 0.8, t, kind='sam', passes=20)
+             for s, t in enumerate(sam_test)]
+    recs += [record('RST p=0.5', 0.2, s, 0.7, 0.7, passes=15)
+             for s in range(3)]
+    return stats.summarize(recs)
+
+  strong = block([0.8, 0.81, 0.79])
+  weak = block([0.62, 0.60, 0.61])  # SAM's gain under three s.e.
+  alone = stats.summarize([record('RST p=0.5', 0.2, s, 0.7, 0.7)
+                           for s in range(3)])  # a part without baselines
+  assert plots._measure(strong['0.2']) == 'gain'
+  assert plots._measure(weak['0.2']) == 'diff'
+  assert plots._measure(alone['0.2']) == 'acc'
+  for name, summary in (('strong', strong), ('weak', weak), ('alone', alone)):
+    plots.plot(summary, {}, tmp_path / f'{name}.png',
+               tmp_path / f'{name}_flat.png', 'title')
+    assert (tmp_path / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
+    assert not (tmp_path / f'{name}_flat.png').exists()

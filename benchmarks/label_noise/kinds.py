@@ -1,0 +1,129 @@
+"""The configurations of the label-noise benchmark: a table of kinds.
+
+A kind is a way to spend a budget of SAM steps, at any mean probability p of
+a SAM step: a schedule p(t), a lam, a scale of the radius, and whether it has
+a reuse strength alpha to choose on validation together with the radius.
+``KINDS`` is the table (``--kinds`` chooses from it); adding a kind is one
+entry there. ``make_configs`` crosses the kinds with the budgets ``--p``,
+after the baselines SGD and SAM; ``schedule_of``, ``lam_of`` and ``grid_of``
+give each configuration's p(t), lam and the (radius, alpha) pairs it runs at.
+
+The kinds:
+
+- ``rst``: constant p, lam = 1 (plain RST);
+- ``grst``: constant p, lam = ``schedules.matching_lam`` (1 / p);
+- ``rst_rho``: constant p, lam = 1, rho scaled by 1 / p (SAM's strength
+  matched through the radius instead of lam);
+- ``linear``, ``trigonometric``: rising p(t) (``schedules.family``), lam = 1;
+- ``late``: SGD, then SAM on the last p of the run (family ``piecewise``);
+- ``early``: SAM on the first p of the run, then SGD;
+- ``every_k_lam``: a SAM step every k = 1 / p steps, deterministic, lam = k
+  (the scaling of init2winit's ``factor_sam``);
+- ``every_k_rho``: the same steps, rho scaled by k (Composer's SAM).
+
+For the scaled kinds the radius grid gives the SAM-equivalent radius, which is
+then scaled. A kind without reuse runs at alpha = 0 only.
+"""
+
+from typing import NamedTuple
+
+
+class Kind(NamedTuple):
+  """One way to spend a budget, at any mean probability p of a SAM step."""
+  label: str  # the configurations are named f'{label} p={p:g}'
+  schedule: str  # p(t): 'never', 'always', 'constant', 'linear',
+  # 'trigonometric', 'late', 'early' or 'periodic' (every k = 1 / p steps)
+  lam: str = '1'  # '1', 'matching' (schedules.matching_lam) or 'k'
+  rho_scale: str = '1'  # actual radius = grid radius x '1', '1/p' or 'k'
+  reuse: bool = False  # alpha chosen on validation together with rho
+  marker: str = 'o'  # in the plots
+
+
+BASELINES = {
+    'sgd': Kind('SGD', 'never'),
+    'sam': Kind('SAM', 'always', marker='*'),
+}
+KINDS = {
+    'rst': Kind('RST', 'constant'),
+    'grst': Kind('G-RST', 'constant', lam='matching', marker='s'),
+    'rst_rho': Kind('RST rho/p', 'constant', rho_scale='1/p', marker='P'),
+    'linear': Kind('RST linear', 'linear', marker='^'),
+    'trigonometric': Kind('RST trigonometric', 'trigonometric', marker='v'),
+    'late': Kind('RST late (SGD then SAM)', 'late', marker='>'),
+    'early': Kind('RST early (SAM then SGD)', 'early', marker='<'),
+    'every_k_lam': Kind('every k, lam x k', 'periodic', lam='k', marker='D'),
+    'every_k_rho': Kind('every k, rho x k', 'periodic', rho_scale='k',
+                        marker='d'),
+}
+
+
+def spec(kind: str) -> Kind:
+  """The entry of ``kind``: SGD's, SAM's or one of ``KINDS``."""
+  return BASELINES[kind] if kind in BASELINES else KINDS[kind]
+
+
+class Config(NamedTuple):
+  """One configuration: a kind at a budget, without its radius and alpha."""
+  name: str
+  kind: str  # 'sgd', 'sam' or a key of KINDS
+  p: float  # nominal mean probability of a SAM step (SGD 0, SAM 1)
+  rho_scale: float  # actual radius = grid radius x rho_scale
+  k: int | None  # period of the periodic kinds
+
+
+def make_configs(args) -> list[Config]:
+  """SGD and SAM (with ``--baselines``), then every kind at every budget."""
+  out = [Config('SGD', 'sgd', 0.0, 0.0, None),
+         Config('SAM', 'sam', 1.0, 1.0, None)] if args.baselines else []
+  for p in args.p:
+    k = round(1.0 / p)
+    for name in args.kinds:
+      kind = KINDS[name]
+      scale = {'1': 1.0, '1/p': 1.0 / p, 'k': float(k)}[kind.rho_scale]
+      out.append(Config(f'{kind.label} p={p:g}', name, p, scale,
+                        k if kind.schedule == 'periodic' else None))
+  return out
+
+
+def schedule_of(config: Config, total_steps: int):
+  """p(t) of ``config`` (a float or an optax.Schedule) and a hashable key.
+
+  Two configurations with the same key take the same steps for a seed.
+  """
+  from rst_optax import schedules
+  p, schedule = config.p, spec(config.kind).schedule
+  if schedule == 'never':
+    return 0.0, ('sgd',)
+  if schedule == 'always':
+    return 1.0, ('sam',)
+  if schedule in ('constant', 'linear', 'trigonometric'):
+    return schedules.family(schedule, p, total_steps), (schedule, p)
+  if schedule == 'late':
+    return schedules.family('piecewise', p, total_steps), ('late', p)
+  if schedule == 'early':
+    return schedules.piecewise(1.0, 0.0, round(p * total_steps)), ('early', p)
+  return schedules.periodic(config.k), ('every', config.k)
+
+
+def lam_of(config: Config, schedule, total_steps: int) -> float:
+  """The lam of ``config`` whose p(t) is ``schedule``."""
+  from rst_optax import schedules
+  lam = spec(config.kind).lam
+  if lam == 'matching':
+    return schedules.matching_lam(schedule, total_steps)
+  if lam == 'k':
+    return float(config.k)
+  return 1.0
+
+
+def grid_of(config: Config, rhos, alphas=(0.0,)):
+  """The (grid radius, alpha) pairs ``config`` runs at, alpha first.
+
+  SGD runs once, at (0, 0). A kind without reuse runs at every radius of
+  ``rhos`` with alpha = 0; a kind with reuse at every pair of ``rhos`` and
+  ``alphas``.
+  """
+  if config.kind == 'sgd':
+    return [(0.0, 0.0)]
+  alphas = alphas if spec(config.kind).reuse else (0.0,)
+  return [(rho, alpha) for alpha in alphas for rho in rhos]

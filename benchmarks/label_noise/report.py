@@ -1,0 +1,279 @@
+"""The report of the label-noise benchmark: markdown tables, pooled parts.
+
+``report`` prints the tables for benchmarks/README.md and draws the figures
+(``plots``) from a result: a fresh run's (``cli.main``) or one pooled from
+saved JSON files (``merge_results``, ``--from-json``). The tables, per noise
+level:
+
+- ``format_tables``: each configuration at the radius (and alpha, where it is
+  not 0) chosen on validation: test accuracy, differences paired per seed to
+  SAM and to constant p, SAM's gain kept, cost, divergence;
+- ``format_sweep``: test (validation) accuracy at every grid radius;
+- ``format_stability``: per configuration, where divergence starts;
+- ``format_flatness``: the flatness measures at the end of training.
+
+Every number comes from ``stats.summarize``'s summary and the flatness rows;
+nothing here is computed from the runs.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from benchmarks.label_noise import plots, stats
+
+
+def pct(s, sem=True):
+  """A stats dict of accuracies as 'mean ± s.e.' (or ± std) in percent."""
+  if not s['n']:
+    return '–'
+  return (f'{100 * s["mean"]:.2f} ± {100 * (s["sem"] if sem else s["std"]):.2f}')
+
+
+def _noise(block):
+  return f'{100 * block["noise"]:g}% noisy labels'
+
+
+def format_tables(summary):
+  """Markdown: headline rows per noise level, at the chosen radius."""
+  parts = []
+  for block in summary.values():
+    rows = block['rows']
+    sam = rows.get('SAM')
+    reuse = any(row['alpha'] for row in rows.values())
+    lines = [
+        f'**{_noise(block)}**, {len(block["seeds"])} seeds; '
+        + ('rho and α' if reuse else 'rho') + ' chosen on validation.', '',
+        f'| configuration | rho (lam){", α" if reuse else ""} | test acc. % '
+        '± s.e. | Δ vs SAM pp | Δ vs constant p pp | SAM gain kept ± s.e. | '
+        '× SAM passes | × SAM time | diverged at ρ / in sweep |',
+        '|---|---|---|---|---|---|---|---|---|']
+    for name, row in rows.items():
+      rho = '–' if row['kind'] == 'sgd' else f'{row["rho"]:.3g}'
+      if row['lam'] != 1.0:
+        rho += f' ({row["lam"]:.3g})'
+      if row['alpha']:
+        rho += f', α {row["alpha"]:g}'
+      kept = row.get('gain_kept')
+      kept_s = (f'{kept["mean"]:.2f} ± {kept["sem"]:.2f}'
+                if kept and np.isfinite(kept['mean']) else '–')
+      if kept and kept.get('weak'):
+        kept_s = f'{kept["mean"]:.2f} (SAM gain < 3 s.e.)'
+      diff = row.get('diff_vs_SAM')
+      diff_s = (f'{100 * diff["mean"]:+.2f} ± {100 * diff["sem"]:.2f}'
+                if diff and diff['n'] and name != 'SAM' else '–')
+      const = row.get('diff_vs_constant')
+      const_s = (f'{100 * const["mean"]:+.2f} ± {100 * const["sem"]:.2f}'
+                 if const and const['n'] else '–')
+      lines.append(
+          f'| {name} | {rho} | {pct(row["test_acc"])} | {diff_s} | {const_s} '
+          f'| {kept_s} '
+          f'| {row.get("passes_vs_SAM", float("nan")):.3f} '
+          f'| {row.get("wall_vs_SAM", float("nan")):.2f} '
+          f'| {row["diverged"]} / {row["diverged_in_sweep"]} |')
+    if sam:
+      goal = [
+          name for name, row in rows.items()
+          if name not in ('SAM', 'SGD') and row['diverged'] == 0
+          and row['passes_vs_SAM'] <= 0.6 + 1e-9
+          and row['test_acc']['mean'] >= sam['test_acc']['mean']
+          - sam['test_acc']['sem']]
+      lines += ['', '- SAM-level test accuracy (≥ SAM − 1 s.e.) at ≤ 0.6× '
+                "SAM's passes: " + (', '.join(goal) if goal else 'none.')]
+    parts.append('\n'.join(lines))
+  return '\n\n'.join(parts)
+
+
+def format_sweep(summary):
+  """Markdown: test accuracy (diverged seeds) at every radius of the grid.
+
+  One line per configuration and alpha (``stats.label``).
+  """
+  parts = []
+  for block in summary.values():
+    sweep = [s for s in block['sweep'] if s['config'] != 'SGD']
+    grid = sorted({s['rho_grid'] for s in sweep})
+    lines = [f'**{_noise(block)}**: test acc. % at each '
+             'grid radius (val. acc. in brackets; ✗n = n diverged seeds)', '',
+             '| configuration | ' + ' | '.join(f'{g:g}' for g in grid) + ' |',
+             '|---|' + '---|' * len(grid)]
+    for config, alpha in dict.fromkeys((s['config'], s['alpha'])
+                                       for s in sweep):
+      at = {s['rho_grid']: s for s in sweep if s['config'] == config
+            and s['alpha'] == alpha}
+      cells = []
+      for g in grid:
+        s = at.get(g)
+        if s is None:
+          cells.append('')
+          continue
+        cell = (f'{100 * s["test_acc"]["mean"]:.1f} '
+                f'({100 * s["val_acc"]["mean"]:.1f})'
+                if s['test_acc']['n'] else '–')
+        if s['diverged']:
+          cell += f' ✗{s["diverged"]}'
+        cells.append(cell)
+      lines.append(f'| {stats.label(config, alpha)} | ' + ' | '.join(cells)
+                   + ' |')
+    parts.append('\n'.join(lines))
+  return '\n\n'.join(parts)
+
+
+def format_stability(summary):
+  """Markdown: per configuration (with its lam), where divergence starts."""
+  keys = list(summary)
+  table = stats.stability(summary)
+  lines = ['| configuration | λ | ' + ' | '.join(
+      f'{100 * summary[k]["noise"]:g}% noise' for k in keys) + ' |',
+           '|---|---|' + '---|' * len(keys)]
+  lams = {stats.label(s['config'], s['alpha']): s['lam']
+          for b in summary.values() for s in b['sweep']}
+  for name, by_noise in table.items():
+    cells = []
+    for k in keys:
+      if k not in by_noise:
+        cells.append('')
+        continue
+      ok, first, n = by_noise[k]
+      cells.append((f'stable to {ok:g}' if ok is not None else 'none stable')
+                   + (f'; diverged from {first:g} ({n})' if first is not None
+                      else '; none diverged'))
+    lines.append(f'| {name} | {lams[name]:.3g} | ' + ' | '.join(cells)
+                 + ' |')
+  return '\n'.join(lines)
+
+
+def format_flatness(flat):
+  """Markdown: flatness per noise level and configuration, mean ± s.e."""
+  if not flat:
+    return ''
+  def mean_sem(s):
+    return f'{s["mean"]:.3g} ± {s["sem"]:.2g}' if s.get('n') else '–'
+
+  lines = ['| noise | configuration | trained at ρ | λ_max ± s.e. | '
+           'ε-sharpness at the common radius ± s.e. | ε-sharpness at the '
+           "run's ρ ± s.e. | train loss (flatness subset) | test acc. % ± "
+           's.e. |', '|---|---|---|---|---|---|---|---|']
+  for noise, block in sorted(flat.items(), key=lambda kv: float(kv[0])):
+    for name, row in block['configs'].items():
+      rho = format(row['rho'], '.3g') if row.get('rho') else '–'
+      if row.get('alpha'):
+        rho += f', α {row["alpha"]:g}'
+      lines.append(
+          f'| {100 * float(noise):g}% | {name} | {rho} | '
+          f'{mean_sem(row["lambda_max"])} | '
+          f'{mean_sem(row["eps_sharpness"])} (at {block["radius"]:g}) | '
+          f'{mean_sem(row.get("eps_sharpness_own", {}))} | '
+          f'{row["train_loss"]["mean"]:.3g} | {pct(row["test_acc"])} |')
+  return '\n'.join(lines)
+
+
+def title_of(settings):
+  """One line of the recipe, from a result's settings."""
+  return (
+      f'MNIST-1D ({settings["n_train"]} train incl. noisy labels, '
+      f'{settings["n_val"]} clean val., {settings["n_test"]} clean test), 1-D '
+      f'CNN width {settings["width"]}, SGD momentum 0.9, cosine lr '
+      f'{settings["lr"]}, batch {settings["batch_size"]}, {settings["epochs"]} '
+      f'epochs ({settings["total_steps"]} steps), {settings["seeds"]} seeds, '
+      f'rho grid {settings["rhos"]}, mean p {settings["p"]}')
+
+
+def report(result, out, name):
+  """Draws ``{name}.png`` and ``{name}_flatness.png``; prints the tables."""
+  summary, flat = result['summary'], result.get('flatness', {})
+  plots.plot(summary, flat, os.path.join(out, f'{name}.png'),
+             os.path.join(out, f'{name}_flatness.png'),
+             title_of(result['settings']))
+  machine, load = result['machine'], result['load_average']
+  print('\n' + format_tables(summary) + '\n')
+  print(format_sweep(summary) + '\n')
+  print('Stability (grid radii; SAM-equivalent for the scaled kinds):\n\n'
+        + format_stability(summary) + '\n')
+  print(format_flatness(flat) + '\n')
+  if result.get('flatness_note'):
+    print(f'Flatness: {result["flatness_note"]}.')
+  print(f'Machine: {machine["cpu"]}, {machine["cores"]} cores, jax '
+        f'{machine["jax"]}; load average (1 min) {load["start"][0]:.2f} at '
+        f'start, {load["end"][0]:.2f} at end; {result["elapsed_s"] / 60:.1f} '
+        f'min in all with {result["settings"]["workers"]} worker(s).')
+  for part in result.get('parts', []):
+    print(f'  part {part["file"]}: {part["elapsed_s"] / 60:.1f} min, load '
+          f'{part["load_average"]["start"][0]:.2f} -> '
+          f'{part["load_average"]["end"][0]:.2f}: {part["command"]}')
+  print(f'Command: {result["settings"]["command"]}')
+
+
+def merge_results(paths):
+  """One result from saved JSONs: parts with other radii, budgets or kinds.
+
+  The parts must share the recipe and the seeds. Their runs are pooled (a run
+  already present, same noise, seed, configuration, radius and alpha, is kept
+  from the first file) and summarized again, so each configuration's radius
+  (and alpha) is chosen on validation over its pooled grid. Runs of files
+  older than alpha have alpha 0. Flatness is pooled per noise level and
+  configuration (first file first); each part measured it at the radius it
+  had chosen, which the rows record.
+  """
+  results = []
+  for path in paths:
+    with open(path) as f:
+      result = json.load(f)
+    result['runs'] = stats.with_alpha(result['runs'])
+    results.append(result)
+  if len(results) == 1:  # summarized again, by this version of the script
+    return results[0] | {'summary': stats.summarize(results[0]['runs'])}
+  first = results[0]
+  keep = ('seeds', 'epochs', 'lr', 'batch_size', 'width', 'num_samples',
+          'val_size', 'total_steps', 'flat_n', 'flat_iters', 'flat_steps',
+          'flat_radius')
+  seen, runs, flat = set(), [], {}
+  for path, result in zip(paths, results, strict=True):
+    for k in keep:
+      if result['settings'].get(k) != first['settings'].get(k):
+        raise ValueError(f'--from-json: {k} differs between the files: '
+                         f'{first["settings"].get(k)} and '
+                         f'{result["settings"].get(k)} ({path}).')
+    for r in result['runs']:
+      key = (r['noise'], r['seed'], r['config'], r['rho_grid'], r['alpha'])
+      if key not in seen:
+        seen.add(key)
+        runs.append(r)
+    for noise, block in result.get('flatness', {}).items():
+      into = flat.setdefault(noise, {'radius': block['radius'],
+                                     'configs': {}, 'per_seed': {}})
+      for name, row in block['configs'].items():
+        if name not in into['configs']:
+          into['configs'][name] = dict(row) | {'measured_in': path}
+          for seed, values in block['per_seed'].items():
+            if name in values:
+              into['per_seed'].setdefault(seed, {})[name] = values[name]
+
+  def union(name):
+    values = set()
+    for result in results:
+      v = result['settings'].get(name, [])
+      values |= set(v if isinstance(v, list) else [v])
+    return sorted(values)
+
+  merged = dict(first)
+  merged['settings'] = dict(first['settings']) | {
+      'noise': union('noise'), 'p': union('p'), 'kinds': union('kinds'),
+      'rhos': sorted({r['rho_grid'] for r in runs if r['kind'] != 'sgd'}),
+      'command': ' + '.join(r['settings']['command'] for r in results),
+      'merged_from': list(paths)}
+  merged['parts'] = [{'file': path, 'command': r['settings']['command'],
+                      'elapsed_s': r['elapsed_s'],
+                      'load_average': r['load_average']}
+                     for path, r in zip(paths, results, strict=True)]
+  merged['runs'] = runs
+  merged['summary'] = stats.summarize(runs)
+  merged['flatness'] = flat
+  merged['elapsed_s'] = sum(r['elapsed_s'] for r in results)
+  merged['load_average'] = {'start': first['load_average']['start'],
+                            'end': results[-1]['load_average']['end']}
+  merged['flatness_note'] = (
+      'flatness is measured by each part at the radius that part chose; '
+      'the rows give it')
+  return merged

@@ -1,0 +1,300 @@
+"""The training stage of the label-noise benchmark: runs, jobs and flatness.
+
+A job is one (noise level, seed): the seed's noisy labels
+(``corrupt_labels``), initialization and data order, shared by every
+configuration, radius and alpha the job trains (``run_job``), so that
+differences between configurations are paired per seed. A run whose loss
+turns NaN or Inf stops there; one whose test accuracy ends at chance level
+also counts as diverged (``stats.run_status``).
+
+The branch of every step is decided on the host with ``rst_optax.decisions``
+(the coin of ``rst``) and passed to one jitted train step as a static
+``take_sam``, where rho and lam are traced arguments: all runs of a process
+share two executables (``build_trainer``).
+
+Flatness at the end of training (``measure_flatness``), for SGD, SAM and the
+best ``--flat-top`` configurations: the top Hessian eigenvalue of the training
+loss and its epsilon-sharpness at a common radius and at the run's own radius
+(``rst_optax.sharpness``), on the first ``--flat-n`` training samples with
+the labels they were trained on.
+"""
+
+import functools
+import time
+
+import numpy as np
+
+from benchmarks.label_noise import kinds, stats
+
+
+def corrupt_labels(y, fraction, seed):
+  """Replaces ``fraction`` of the labels by uniform draws over the 10 classes.
+
+  Returns the noisy labels and the mask of the replaced positions (a replaced
+  label may equal the true one, with probability 1/10).
+  """
+  rng = np.random.default_rng([seed, 12345])
+  n = len(y)
+  replaced = np.zeros(n, bool)
+  replaced[rng.choice(n, round(fraction * n), replace=False)] = True
+  noisy = np.where(replaced, rng.integers(0, 10, n), y).astype(y.dtype)
+  return noisy, replaced
+
+
+@functools.cache
+def build_trainer(graphdef, total_steps, lr):
+  """The jitted train step and evaluation, shared by every run of a process.
+
+  Cached: the jobs of a process with the same model, length and learning rate
+  reuse the compiled executables.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  import rst_optax
+
+  base = optax.sgd(optax.cosine_decay_schedule(lr, total_steps), momentum=0.9)
+
+  def loss_fn(params, x, y):
+    logits = nnx.merge(graphdef, params)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def make_tx(schedule, rho, lam, seed):
+    return rst_optax.rst(base, schedule, rho=rho, lam=lam, seed=seed)
+
+  @functools.partial(jax.jit, static_argnames='take_sam')
+  def train_step(params, opt_state, rho, lam, x, y, idx, take_sam):
+    xb, yb = x[idx], y[idx]
+    loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)
+    # The branch is the static take_sam, decided on the host from the run's
+    # schedule and seed, so the schedule given here is never drawn; rho and
+    # lam are traced, so every run shares this step's two executables.
+    tx = make_tx(1.0, rho, lam, 0)
+    updates, opt_state = tx.update(
+        grads, opt_state, params, take_sam=take_sam,
+        grad_fn=lambda w: jax.grad(loss_fn)(w, xb, yb))
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @jax.jit
+  def evaluate(params, x, y):
+    logits = nnx.merge(graphdef, params)(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return jnp.mean(jnp.argmax(logits, -1) == y), loss
+
+  return make_tx, train_step, evaluate, loss_fn
+
+
+def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
+              orders, total_steps):
+  """One run; returns its record and final parameters (None if diverged)."""
+  import jax
+  import jax.numpy as jnp
+
+  import rst_optax
+  make_tx, train_step, evaluate, _ = trainer
+  tx = make_tx(schedule, rho, lam, seed)
+  opt_state = tx.init(params0)
+  plan = rst_optax.decisions(schedule, seed, 0, total_steps)
+  x, y = jnp.asarray(data['x']), jnp.asarray(y_train)
+  rho_a, lam_a = np.float32(rho), np.float32(lam)
+  params, t, wall, status = params0, 0, 0.0, 'ok'
+  for order in orders:
+    start = time.perf_counter()
+    for idx in order:
+      params, opt_state, loss = train_step(params, opt_state, rho_a, lam_a, x,
+                                           y, idx, take_sam=bool(plan[t]))
+      t += 1
+    loss = float(loss)  # waits for the epoch
+    wall += time.perf_counter() - start
+    if not np.isfinite(loss):
+      status = 'nan'
+      break
+  record = {'steps': t, 'sam_steps': int(plan[:t].sum()), 'wall_s': wall,
+            # the run's cost as planned (a diverged run stops early)
+            'passes': total_steps + int(plan.sum())}
+  if status == 'ok':
+    count, sam_steps = int(opt_state.count), int(opt_state.sam_steps)
+    if count != total_steps or sam_steps != int(plan.sum()):
+      raise RuntimeError(f'RSTState count {count}, sam_steps {sam_steps}; '
+                         f'expected {total_steps}, {int(plan.sum())}.')
+    acc = {}
+    for split, (xs, ys) in {
+        'test': (data['x_test'], data['y_test']),
+        'val': (data['x_val'], data['y_val']),
+        'train_noisy': (data['x'], y_train),
+        'train_clean': (data['x'], data['y'])}.items():
+      a, loss_s = evaluate(params, jnp.asarray(xs), jnp.asarray(ys))
+      acc[f'{split}_acc'], acc[f'{split}_loss'] = float(a), float(loss_s)
+    record.update(acc)
+    status = stats.run_status(acc['train_noisy_loss'], acc['test_acc'])
+  if status == 'nan':
+    record.update(test_acc=float('nan'), val_acc=float('nan'))
+  record['status'] = status
+  final = ([np.asarray(v) for v in jax.tree.leaves(params)]
+           if status != 'nan' else None)
+  return record, final
+
+
+def warm_up(trainer, params0, data, y_train, batch):
+  """Compiles both branches of the train step outside the timed loops."""
+  import jax
+  make_tx, train_step, evaluate, _ = trainer
+  opt_state = make_tx(0.5, 0.05, 1.0, 0).init(params0)
+  idx = np.arange(batch, dtype=np.int32)
+  for take_sam in (False, True):
+    jax.block_until_ready(train_step(
+        params0, opt_state, np.float32(0.05), np.float32(1.0),
+        jax.numpy.asarray(data['x']), jax.numpy.asarray(y_train), idx,
+        take_sam=take_sam))
+
+
+def run_job(args, noise, seed):
+  """Every configuration, radius and alpha for one (noise, seed).
+
+  Returns the run records, the final parameters of each run by
+  ``(config, rho_grid, alpha)`` (None if it diverged to NaN) and the sizes
+  of the job (steps, splits).
+  """
+  import jax
+  from flax import nnx
+
+  from examples import mnist1d_demo as demo
+  data = demo.load_data(args.num_samples, args.val_size, args.cache)
+  n_train, batch = len(data['y']), args.batch_size
+  if n_train < batch:
+    raise ValueError(f'{n_train} training samples < --batch-size {batch}.')
+  steps_per_epoch = n_train // batch
+  total_steps = steps_per_epoch * args.epochs
+  y_train, replaced = corrupt_labels(data['y'], noise, seed)
+  model = demo.CNN(args.width, data['x'].shape[1], nnx.Rngs(seed))
+  graphdef, params0 = nnx.split(model, nnx.Param)
+  params0 = jax.tree.map(jax.numpy.asarray, params0)
+  trainer = build_trainer(graphdef, total_steps, args.lr)
+  warm_up(trainer, params0, data, y_train, batch)
+  rng = np.random.default_rng(seed)  # the data order of every run
+  orders = [rng.permutation(n_train)[:steps_per_epoch * batch].reshape(
+      steps_per_epoch, batch).astype(np.int32) for _ in range(args.epochs)]
+  done, records, finals = {}, [], {}
+  for config in kinds.make_configs(args):
+    schedule, key = kinds.schedule_of(config, total_steps)
+    lam = kinds.lam_of(config, schedule, total_steps)
+    for rho_grid, alpha in kinds.grid_of(config, args.rhos):
+      if alpha:  # a kind with reuse also passes alpha to train_one's rst
+        raise NotImplementedError(f'{config.name}: alpha {alpha} needs '
+                                  'rst(..., reuse=alpha).')
+      rho = rho_grid * config.rho_scale
+      run_key = (key, round(rho, 9), round(lam, 9), alpha)
+      if run_key not in done:  # e.g. RST rho/p at one grid point = RST at 2x
+        done[run_key] = train_one(trainer, params0, data, y_train, schedule,
+                                  rho, lam, seed, orders, total_steps)
+      record, final = done[run_key]
+      records.append(dict(record) | {
+          'config': config.name, 'kind': config.kind, 'p': config.p,
+          'rho_grid': rho_grid, 'rho': rho, 'lam': lam, 'alpha': alpha,
+          'seed': seed, 'noise': noise,
+          'noise_replaced': float(replaced.mean()),
+          'noise_changed': float((y_train != data['y']).mean())})
+      finals[(config.name, rho_grid, alpha)] = final
+  return records, finals, {'total_steps': total_steps, 'n_train': n_train,
+                           'n_val': len(data['y_val']),
+                           'n_test': len(data['y_test'])}
+
+
+@functools.cache
+def _flatness_fn(width, length, flat_iters, flat_steps):
+  """The jitted flatness measures for one model shape, compiled once."""
+  import jax
+  from flax import nnx
+
+  from examples import mnist1d_demo as demo
+  from rst_optax import sharpness
+  graphdef, template = nnx.split(demo.CNN(width, length, nnx.Rngs(0)),
+                                 nnx.Param)
+  _, _, _, loss_fn = build_trainer(graphdef, 1, 0.1)
+
+  def loss_at(leaves, x, y):
+    params = jax.tree.unflatten(jax.tree.structure(template), leaves)
+    return (lambda w: loss_fn(w, x, y)), params
+
+  @jax.jit
+  def top_eigenvalue(leaves, x, y, key):
+    loss, params = loss_at(leaves, x, y)
+    lam, _ = sharpness.top_hessian_eigenvalue(
+        loss, params, num_iters=flat_iters, error_tolerance=1e-4, key=key)
+    return lam, loss(params)
+
+  @jax.jit
+  def eps_sharpness(leaves, x, y, radius):
+    loss, params = loss_at(leaves, x, y)
+    return sharpness.epsilon_sharpness(loss, params, radius,
+                                       num_steps=flat_steps)
+
+  return top_eigenvalue, eps_sharpness
+
+
+def flatness(args, noise, seed, params_by_config, own_rho):
+  """Top Hessian eigenvalue and epsilon-sharpness of each final model.
+
+  On the first ``--flat-n`` training samples, with the labels trained on.
+  The epsilon-sharpness is measured at the common ``--flat-radius`` and at
+  the radius each run was trained at (``own_rho[name]``; none for SGD).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from examples import mnist1d_demo as demo
+  data = demo.load_data(args.num_samples, args.val_size, args.cache)
+  y_train, _ = corrupt_labels(data['y'], noise, seed)
+  top_eigenvalue, eps_sharpness = _flatness_fn(
+      args.width, data['x'].shape[1], args.flat_iters, args.flat_steps)
+  x = jnp.asarray(data['x'][:args.flat_n])
+  y = jnp.asarray(y_train[:args.flat_n])
+  out = {}
+  for name, leaves in params_by_config.items():
+    if leaves is None:
+      continue
+    leaves = [jnp.asarray(v) for v in leaves]
+    lam, loss = top_eigenvalue(leaves, x, y, jax.random.key(seed))
+    out[name] = {'lambda_max': float(lam), 'train_loss': float(loss),
+                 'eps_sharpness': float(eps_sharpness(
+                     leaves, x, y, np.float32(args.flat_radius)))}
+    if own_rho.get(name):
+      out[name]['eps_sharpness_own'] = float(eps_sharpness(
+          leaves, x, y, np.float32(own_rho[name])))
+  return out
+
+
+
+
+def measure_flatness(args, summary, finals):
+  """The flatness of SGD, SAM and the best ``--flat-top`` configurations.
+
+  ``summary``: ``stats.summarize``'s; ``finals``: the final parameters by
+  ``(noise, seed, config, rho_grid, alpha)``. Per noise level, each
+  configuration at its chosen radius and alpha: mean and s.e. over seeds of
+  each measure, and the configuration's test accuracy and radius.
+  """
+  flat = {}
+  for key, block in summary.items():
+    noise = block['noise']
+    names = stats.flat_targets(block, args.flat_top)
+    rows = {n: block['rows'][n] for n in names}
+    own = {n: row['rho'] for n, row in rows.items()}
+    per_seed = {}
+    for seed in block['seeds']:
+      params = {n: finals[(noise, seed, n, row['rho_grid'], row['alpha'])]
+                for n, row in rows.items()}
+      per_seed[seed] = flatness(args, noise, seed, params, own)
+    configs = {}
+    for n, row in rows.items():
+      vals = [per_seed[s][n] for s in block['seeds'] if n in per_seed[s]]
+      configs[n] = {m: stats.stats([v.get(m, np.nan) for v in vals]) for m in (
+          'lambda_max', 'eps_sharpness', 'eps_sharpness_own', 'train_loss')}
+      configs[n]['test_acc'] = row['test_acc']
+      configs[n]['rho'] = row['rho']
+      configs[n]['alpha'] = row['alpha']
+    flat[key] = {'radius': args.flat_radius, 'configs': configs,
+                 'per_seed': {str(s): v for s, v in per_seed.items()}}
+  return flat

@@ -46,8 +46,11 @@ def parse_args(argv=None):
                       help='mean probabilities of a SAM step (budgets)')
   parser.add_argument('--rhos', type=floats, default=DEFAULT_RHOS,
                       help='radius grid (SAM-equivalent for scaled kinds)')
-  parser.add_argument('--kinds', default=','.join(kinds.KINDS),
+  parser.add_argument('--kinds', default=','.join(kinds.DEFAULT_KINDS),
                       help=f'configurations, from {",".join(kinds.KINDS)}')
+  parser.add_argument('--alphas', type=floats, default=(0.5, 0.7, 1.0),
+                      help='reuse strengths of the kinds with reuse, chosen '
+                      'on validation together with the radius')
   parser.add_argument('--baselines', action=argparse.BooleanOptionalAction,
                       default=True,
                       help='run SGD and SAM (--no-baselines: a part whose '
@@ -104,6 +107,8 @@ def parse_args(argv=None):
     parser.error(f'--flat-radius must be > 0; got {args.flat_radius}.')
   if not args.rhos or not all(r > 0 for r in args.rhos):
     parser.error(f'--rhos: radii > 0; got {args.rhos}.')
+  if not args.alphas or not all(a > 0 for a in args.alphas):
+    parser.error(f'--alphas: reuse strengths > 0; got {args.alphas}.')
   periodic = [k for k in args.kinds if kinds.KINDS[k].schedule == 'periodic']
   if periodic:
     from rst_optax import schedules

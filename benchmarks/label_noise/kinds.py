@@ -19,7 +19,17 @@ The kinds:
 - ``early``: SAM on the first p of the run, then SGD;
 - ``every_k_lam``: a SAM step every k = 1 / p steps, deterministic, lam = k
   (the scaling of init2winit's ``factor_sam``);
-- ``every_k_rho``: the same steps, rho scaled by k (Composer's SAM).
+- ``every_k_rho``: the same steps, rho scaled by k (Composer's SAM);
+- ``reuse``: constant p, lam = 1, ``rst(..., reuse=alpha)``: base steps reuse
+  the direction of the last SAM step (LookSAM's update on RST's coin);
+- ``reuse_fresh``: the same, but a base step reuses only while the last SAM
+  step is at most k = 1 / p steps old (the staleness bound; alpha is 0 on
+  the other steps, decided on the host from the plan);
+- ``looksam``: a SAM step every k = 1 / p steps, lam = 1, with reuse
+  (LookSAM: ``schedules.periodic(k)`` and ``reuse=alpha``).
+
+The kinds with reuse run at every alpha of ``--alphas`` and are not run by
+default (``DEFAULT_KINDS``).
 
 For the scaled kinds the radius grid gives the SAM-equivalent radius, which is
 then scaled. A kind without reuse runs at alpha = 0 only.
@@ -36,6 +46,7 @@ class Kind(NamedTuple):
   lam: str = '1'  # '1', 'matching' (schedules.matching_lam) or 'k'
   rho_scale: str = '1'  # actual radius = grid radius x '1', '1/p' or 'k'
   reuse: bool = False  # alpha chosen on validation together with rho
+  fresh: bool = False  # reuse only up to k = 1 / p steps after a SAM step
   marker: str = 'o'  # in the plots
 
 
@@ -54,7 +65,13 @@ KINDS = {
     'every_k_lam': Kind('every k, lam x k', 'periodic', lam='k', marker='D'),
     'every_k_rho': Kind('every k, rho x k', 'periodic', rho_scale='k',
                         marker='d'),
+    'reuse': Kind('RST + reuse', 'constant', reuse=True, marker='X'),
+    'reuse_fresh': Kind('RST + reuse <= k steps', 'constant', reuse=True,
+                        fresh=True, marker='x'),
+    'looksam': Kind('LookSAM (every k + reuse)', 'periodic', reuse=True,
+                    marker='h'),
 }
+DEFAULT_KINDS = tuple(name for name, kind in KINDS.items() if not kind.reuse)
 
 
 def spec(kind: str) -> Kind:
@@ -68,7 +85,7 @@ class Config(NamedTuple):
   kind: str  # 'sgd', 'sam' or a key of KINDS
   p: float  # nominal mean probability of a SAM step (SGD 0, SAM 1)
   rho_scale: float  # actual radius = grid radius x rho_scale
-  k: int | None  # period of the periodic kinds
+  k: int | None  # period of the periodic kinds (and the fresh bound)
 
 
 def make_configs(args) -> list[Config]:
@@ -81,7 +98,8 @@ def make_configs(args) -> list[Config]:
       kind = KINDS[name]
       scale = {'1': 1.0, '1/p': 1.0 / p, 'k': float(k)}[kind.rho_scale]
       out.append(Config(f'{kind.label} p={p:g}', name, p, scale,
-                        k if kind.schedule == 'periodic' else None))
+                        k if kind.schedule == 'periodic' or kind.fresh
+                        else None))
   return out
 
 
@@ -127,3 +145,26 @@ def grid_of(config: Config, rhos, alphas=(0.0,)):
     return [(0.0, 0.0)]
   alphas = alphas if spec(config.kind).reuse else (0.0,)
   return [(rho, alpha) for alpha in alphas for rho in rhos]
+
+
+def fresh_mask(plan, bound: int):
+  """Which steps of ``plan`` (a bool array of SAM steps) follow a SAM step by
+  at most ``bound`` steps: where ``reuse_fresh`` reuses the direction."""
+  import numpy as np
+  plan = np.asarray(plan, bool)
+  steps = np.arange(len(plan))
+  last = np.maximum.accumulate(np.where(plan, steps, -1))
+  since = np.empty(len(plan), np.int64)  # steps since the last SAM step before
+  since[0] = -1
+  since[1:] = np.where(last[:-1] >= 0, steps[1:] - last[:-1], -1)
+  return (since > 0) & (since <= bound)
+
+
+def longest_gap(plan) -> int:
+  """The longest run of base steps in ``plan`` after its first SAM step."""
+  import numpy as np
+  idx = np.flatnonzero(np.asarray(plan, bool))
+  if not len(idx):
+    return 0
+  gaps = np.diff(np.append(idx, len(plan))) - 1
+  return int(gaps.max())

@@ -61,17 +61,20 @@ def build_trainer(graphdef, total_steps, lr):
     logits = nnx.merge(graphdef, params)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  def make_tx(schedule, rho, lam, seed):
-    return rst_optax.rst(base, schedule, rho=rho, lam=lam, seed=seed)
+  def make_tx(schedule, rho, lam, seed, alpha=0.0):
+    return rst_optax.rst(base, schedule, rho=rho, lam=lam, seed=seed,
+                         reuse=alpha)
 
-  @functools.partial(jax.jit, static_argnames='take_sam')
-  def train_step(params, opt_state, rho, lam, x, y, idx, take_sam):
+  @functools.partial(jax.jit, static_argnames=('take_sam', 'reusing'))
+  def train_step(params, opt_state, rho, lam, alpha, x, y, idx, take_sam,
+                 reusing):
     xb, yb = x[idx], y[idx]
     loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)
     # The branch is the static take_sam, decided on the host from the run's
-    # schedule and seed, so the schedule given here is never drawn; rho and
-    # lam are traced, so every run shares this step's two executables.
-    tx = make_tx(1.0, rho, lam, 0)
+    # schedule and seed, so the schedule given here is never drawn; rho, lam
+    # and alpha are traced, so every run shares this step's two executables
+    # (two more for the kinds with reuse, whose state holds the direction).
+    tx = make_tx(1.0, rho, lam, 0, alpha if reusing else 0.0)
     updates, opt_state = tx.update(
         grads, opt_state, params, take_sam=take_sam,
         grad_fn=lambda w: jax.grad(loss_fn)(w, xb, yb))
@@ -87,33 +90,45 @@ def build_trainer(graphdef, total_steps, lr):
 
 
 def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
-              orders, total_steps):
-  """One run; returns its record and final parameters (None if diverged)."""
+              orders, total_steps, alpha=0.0, fresh=None):
+  """One run; returns its record and final parameters (None if diverged).
+
+  ``alpha``: the reuse strength (0: none). ``fresh``: if given, an int k:
+  base steps reuse only while the last SAM step is at most k steps old
+  (alpha is passed as 0 on the others).
+  """
   import jax
   import jax.numpy as jnp
 
   import rst_optax
   make_tx, train_step, evaluate, _ = trainer
-  tx = make_tx(schedule, rho, lam, seed)
+  tx = make_tx(schedule, rho, lam, seed, alpha)
   opt_state = tx.init(params0)
   plan = rst_optax.decisions(schedule, seed, 0, total_steps)
+  alphas = np.full(total_steps, alpha, np.float32)
+  if fresh is not None:
+    alphas = np.where(kinds.fresh_mask(plan, fresh), alphas, 0).astype(
+        np.float32)
   x, y = jnp.asarray(data['x']), jnp.asarray(y_train)
   rho_a, lam_a = np.float32(rho), np.float32(lam)
-  params, t, wall, status = params0, 0, 0.0, 'ok'
+  params, t, wall, status, history = params0, 0, 0.0, 'ok', []
   for order in orders:
     start = time.perf_counter()
     for idx in order:
-      params, opt_state, loss = train_step(params, opt_state, rho_a, lam_a, x,
-                                           y, idx, take_sam=bool(plan[t]))
+      params, opt_state, loss = train_step(
+          params, opt_state, rho_a, lam_a, alphas[t], x, y, idx,
+          take_sam=bool(plan[t]), reusing=bool(alpha))
       t += 1
     loss = float(loss)  # waits for the epoch
+    history.append(loss)
     wall += time.perf_counter() - start
     if not np.isfinite(loss):
       status = 'nan'
       break
   record = {'steps': t, 'sam_steps': int(plan[:t].sum()), 'wall_s': wall,
             # the run's cost as planned (a diverged run stops early)
-            'passes': total_steps + int(plan.sum())}
+            'passes': total_steps + int(plan.sum()),
+            'longest_gap': kinds.longest_gap(plan)}
   if status == 'ok':
     count, sam_steps = int(opt_state.count), int(opt_state.sam_steps)
     if count != total_steps or sam_steps != int(plan.sum()):
@@ -132,22 +147,27 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
   if status == 'nan':
     record.update(test_acc=float('nan'), val_acc=float('nan'))
   record['status'] = status
+  if status != 'ok':  # the last batch's loss per epoch, to see it diverge
+    record['loss_history'] = history
   final = ([np.asarray(v) for v in jax.tree.leaves(params)]
            if status != 'nan' else None)
   return record, final
 
 
-def warm_up(trainer, params0, data, y_train, batch):
-  """Compiles both branches of the train step outside the timed loops."""
+def warm_up(trainer, params0, data, y_train, batch, reuse=False):
+  """Compiles both branches of the train step outside the timed loops (and
+  those of the step with reuse, if ``reuse``)."""
   import jax
   make_tx, train_step, evaluate, _ = trainer
-  opt_state = make_tx(0.5, 0.05, 1.0, 0).init(params0)
   idx = np.arange(batch, dtype=np.int32)
-  for take_sam in (False, True):
-    jax.block_until_ready(train_step(
-        params0, opt_state, np.float32(0.05), np.float32(1.0),
-        jax.numpy.asarray(data['x']), jax.numpy.asarray(y_train), idx,
-        take_sam=take_sam))
+  for alpha in (0.0, 0.5) if reuse else (0.0,):
+    opt_state = make_tx(0.5, 0.05, 1.0, 0, alpha).init(params0)
+    for take_sam in (False, True):
+      jax.block_until_ready(train_step(
+          params0, opt_state, np.float32(0.05), np.float32(1.0),
+          np.float32(alpha), jax.numpy.asarray(data['x']),
+          jax.numpy.asarray(y_train), idx, take_sam=take_sam,
+          reusing=bool(alpha)))
 
 
 def run_job(args, noise, seed):
@@ -172,7 +192,8 @@ def run_job(args, noise, seed):
   graphdef, params0 = nnx.split(model, nnx.Param)
   params0 = jax.tree.map(jax.numpy.asarray, params0)
   trainer = build_trainer(graphdef, total_steps, args.lr)
-  warm_up(trainer, params0, data, y_train, batch)
+  warm_up(trainer, params0, data, y_train, batch,
+          reuse=any(kinds.KINDS[k].reuse for k in args.kinds))
   rng = np.random.default_rng(seed)  # the data order of every run
   orders = [rng.permutation(n_train)[:steps_per_epoch * batch].reshape(
       steps_per_epoch, batch).astype(np.int32) for _ in range(args.epochs)]
@@ -180,15 +201,14 @@ def run_job(args, noise, seed):
   for config in kinds.make_configs(args):
     schedule, key = kinds.schedule_of(config, total_steps)
     lam = kinds.lam_of(config, schedule, total_steps)
-    for rho_grid, alpha in kinds.grid_of(config, args.rhos):
-      if alpha:  # a kind with reuse also passes alpha to train_one's rst
-        raise NotImplementedError(f'{config.name}: alpha {alpha} needs '
-                                  'rst(..., reuse=alpha).')
+    fresh = config.k if kinds.spec(config.kind).fresh else None
+    for rho_grid, alpha in kinds.grid_of(config, args.rhos, args.alphas):
       rho = rho_grid * config.rho_scale
-      run_key = (key, round(rho, 9), round(lam, 9), alpha)
+      run_key = (key, round(rho, 9), round(lam, 9), alpha, fresh)
       if run_key not in done:  # e.g. RST rho/p at one grid point = RST at 2x
         done[run_key] = train_one(trainer, params0, data, y_train, schedule,
-                                  rho, lam, seed, orders, total_steps)
+                                  rho, lam, seed, orders, total_steps,
+                                  alpha, fresh)
       record, final = done[run_key]
       records.append(dict(record) | {
           'config': config.name, 'kind': config.kind, 'p': config.p,

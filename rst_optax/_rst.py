@@ -17,6 +17,9 @@ from rst_optax import _checks, _coin, _norms, _reuse, _types
 
 # eps must stay positive once rounded to float32.
 _EPS_MIN = float(np.finfo(np.float32).tiny)
+# eps when none is given (None, so that optax.inject_hyperparams does not
+# cast it to 16 bits, where float16 would round it to 0).
+_EPS_DEFAULT = 1e-12
 
 _SUPPORTED_SUBSET = (
     'rst(optax.multi_transform(...), ...) or rst(optax.masked(...), ...) for '
@@ -112,8 +115,21 @@ def _mix(g: optax.Updates, g_sam: optax.Updates, lam: jax.Array
   return jax.tree.map(leaf, g, g_sam)
 
 
-def _perturbed_leaves(mask: Any, params: optax.Params) -> list[bool]:
-  """Which leaves of ``params`` rst's ``mask`` selects, in leaf order."""
+_STATIC_MASK_HINT = (
+    ' Under optax.inject_hyperparams a callable `mask` is taken for a '
+    'schedule and called with the step count: pass '
+    "static_args=('mask',).")
+
+
+def _perturbed_leaves(mask: Any, params: optax.Params,
+                      can_take_sam: bool = True) -> list[bool]:
+  """Which leaves of ``params`` rst's ``mask`` selects, in leaf order.
+
+  Refuses a mask that does not fit ``params``, a single bool for several
+  leaves, and (when ``can_take_sam``) a mask that selects no leaf: each
+  would silently turn every SAM step into a plain step that still pays for
+  ``grad_fn``.
+  """
   n = len(jax.tree.leaves(params))
   if mask is None:
     return [True] * n
@@ -126,12 +142,39 @@ def _perturbed_leaves(mask: Any, params: optax.Params) -> list[bool]:
   except (ValueError, TypeError):
     raise ValueError(
         f'rst: `mask` must be {allowed}; got {tree!r} for params of structure '
-        f'{jax.tree.structure(params)}.') from None
+        f'{jax.tree.structure(params)}.{_STATIC_MASK_HINT}') from None
   leaves = jax.tree.leaves(full)
   if len(leaves) != n or not all(
       isinstance(m, (bool, np.bool_)) for m in leaves):
-    raise TypeError(f'rst: `mask` must be {allowed}; got {tree!r}.')
+    raise TypeError(
+        f'rst: `mask` must be {allowed}; got {tree!r}.{_STATIC_MASK_HINT}')
+  if n > 1 and jax.tree.structure(tree).num_nodes == 1:
+    raise ValueError(
+        f'rst: `mask` is the single value {tree!r} for params of {n} leaves; '
+        f'it must be {allowed} (mask=None perturbs every parameter).'
+        f'{_STATIC_MASK_HINT}')
+  if can_take_sam and n and not any(leaves):
+    raise ValueError(
+        'rst: `mask` selects no parameter, so no SAM step would perturb '
+        'anything (each would still pay for grad_fn); select at least one '
+        f'leaf, or use schedule=0 for the base optimizer alone.'
+        f'{_STATIC_MASK_HINT}')
   return [bool(m) for m in leaves]
+
+
+def _check_base_tx_state(base_state: optax.OptState) -> None:
+  """Refuses base optimizers that cannot work under rst (by their state)."""
+  private = tuple(t for t in (getattr(
+      optax.contrib, 'DifferentiallyPrivateAggregateState', None),) if t)
+  found = jax.tree.leaves(base_state,
+                          is_leaf=lambda x: isinstance(x, private))
+  if private and any(isinstance(x, private) for x in found):
+    raise TypeError(
+        'rst: `base_tx` holds a differentially private aggregation '
+        '(optax.contrib.dpsgd or optax.contrib.differentially_private_'
+        'aggregate), which takes per-example gradients; rst passes it one '
+        'minibatch gradient (or its SAM direction), so the two do not work '
+        'together.')
 
 
 def _check_update_args(updates, params, grad_fn, take_sam, args) -> None:
@@ -178,10 +221,10 @@ def rst(
     lam: _types.ScalarOrSchedule = 1.0,
     *,
     seed: _types.Seed = 0,
-    reuse: _types.ScalarOrSchedule = 0.0,
+    reuse: _types.ScalarOrSchedule | None = None,
     adaptive: bool = False,
     eta: float = 0.01,
-    eps: float = 1e-12,
+    eps: float | None = None,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     axis_name: str | None = None,
     perturbation: str = 'global',
@@ -196,10 +239,26 @@ def rst(
     d_t = \begin{cases}
       (1 - \lambda_t)\, g + \lambda_t\, \nabla L_B(w + \epsilon_t)
         & X_t = 1 \text{ (SAM branch)}\\
-      g & X_t = 0 \text{ (base branch)}
+      g + \alpha_t \|g\|_2\, u & X_t = 0 \text{ (base branch)}
     \end{cases}
     \qquad
     \epsilon_t = \rho_t \frac{g}{\|g\|_2 + \varepsilon}.
+
+  :math:`\alpha_t` is ``reuse`` (LookSAM; 0 by default, and the base branch
+  is then :math:`g` itself). Each SAM step keeps the unit vector
+  :math:`u = g_v / \|g_v\|_2` of the part of its direction :math:`d_t` that
+  :math:`g` lacks, :math:`g_v = d_t - (\langle d_t, g\rangle / \|g\|_2^2)\,
+  g`; the base steps after it add :math:`u` back at the scale of their own
+  gradient, which is Liu et al.'s :math:`g + \alpha (\|g\| / \|g_v\|)\,
+  g_v`. It costs no extra gradient: one parameter-sized buffer
+  (:class:`RSTReuseState`) and a few reductions. With ``lam``, :math:`d_t`
+  is the mixed direction, whose :math:`g_v` is :math:`\lambda_t` times
+  that of :math:`\nabla L_B(w + \epsilon_t)`: the same :math:`u` for
+  :math:`\lambda_t > 0`. LookSAM itself is ``schedules.periodic(k)`` with
+  ``reuse``. Until the first SAM step, and after a SAM step whose
+  :math:`g_v` was zero or not finite (a NaN or Inf in :math:`g`, say), :math:`u`
+  is zero and base steps are plain; so is a base step whose :math:`g` is not
+  finite or whose :math:`\alpha_t` is not positive.
 
   With ``adaptive=True`` (ASAM) the perturbation is
   :math:`\epsilon_t = \rho_t\, s^2 g / (\| s g \|_2 + \varepsilon)` with
@@ -284,12 +343,21 @@ def rst(
     lam: G-RST mixing weight :math:`\lambda`; a float or a schedule.
     seed: an int in [-2**63, 2**63 - 1] or a JAX PRNG key (a typed key of any
       implementation, or raw ``uint32`` key data of the default one).
+    reuse: LookSAM's :math:`\alpha \ge 0`, how much of the last SAM step's
+      direction each base step reuses; a float or a schedule (a negative or
+      NaN value from a schedule is taken as 0). ``None`` (default) or the
+      Python number 0: no reuse, no buffer, and the state is
+      :class:`RSTState`. Any other value, an array too (as
+      ``optax.inject_hyperparams`` passes it), keeps the buffer and gives
+      an :class:`RSTReuseState`.
     adaptive: use the ASAM perturbation (element-wise scaled by
       :math:`|w| + \eta`).
     eta: ASAM's :math:`\eta \ge 0`, so that parameters at zero are perturbed
       too (Kwon et al. use 0.01); only used with ``adaptive=True``.
     eps: :math:`\varepsilon` in the normalization, at least float32's
       smallest normal number (about 1.2e-38); keeps a zero gradient finite.
+      ``None`` (default) is 1e-12; being None, ``optax.inject_hyperparams``
+      leaves it alone rather than cast it to 16-bit parameters' dtype.
     mask: which parameters are perturbed: a pytree of Python bools with the
       structure of the parameters (or a prefix of it), or a callable that
       returns one from the parameters, as in ``optax.add_decayed_weights``.
@@ -317,7 +385,8 @@ def rst(
       ``'local'`` needs ``axis_name``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`
+    (:class:`RSTReuseState` with ``reuse``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, rst_optax
@@ -343,6 +412,9 @@ def rst(
     Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
     Scale-Invariant Learning of Deep Neural Networks
     <https://arxiv.org/abs/2102.11600>`_, 2021.
+
+    Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.02714>`_, CVPR 2022 (LookSAM).
   """
   if not (callable(getattr(base_tx, 'init', None))
           and callable(getattr(base_tx, 'update', None))):
@@ -354,9 +426,19 @@ def rst(
                  allow_schedule=True)
   _checks.number('rst', 'rho', rho, low=0.0, allow_schedule=True)
   _checks.number('rst', 'lam', lam, allow_schedule=True)
-  _checks.number('rst', 'reuse', reuse, low=0.0, allow_schedule=True)
+  if reuse is not None:
+    _checks.number('rst', 'reuse', reuse, low=0.0, allow_schedule=True)
   _checks.number('rst', 'eta', eta, low=0.0)
-  _checks.number('rst', 'eps', eps, low=_EPS_MIN)
+  if eps is None:
+    eps = _EPS_DEFAULT
+  try:
+    _checks.number('rst', 'eps', eps, low=_EPS_MIN)
+  except ValueError as e:
+    raise ValueError(
+        f'{e} Under optax.inject_hyperparams with 16-bit parameters a given '
+        'eps is cast to their dtype (float16 rounds 1e-12 to 0): leave eps '
+        "at its default (None), or pass static_args=('eps',) or "
+        'hyperparam_dtype=jnp.float32.') from None
   _checks.seed('rst', seed)
   if not isinstance(adaptive, (bool, np.bool_)):
     raise TypeError(f'rst: `adaptive` must be a bool; got {adaptive!r}.')
@@ -379,9 +461,10 @@ def rst(
   p_schedule = _checks.checked_schedule('rst', 'schedule', schedule)
   rho_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'rho', rho))
   lam_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'lam', lam))
+  reusing = reuse is not None and not _coin.is_python_constant(reuse, 0.0)
   alpha_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'reuse', reuse))
-  reusing = not _coin.is_python_constant(reuse, 0.0)
   plain_rst = _coin.is_python_constant(lam, 1.0)
+  can_take_sam = not _coin.is_python_constant(schedule, 0.0)
   if _coin.is_python_constant(schedule, 0.0):
     fixed_branch: bool | None = False
   elif _coin.is_python_constant(schedule, 1.0):
@@ -391,16 +474,23 @@ def rst(
 
   def init_fn(params: optax.Params) -> RSTState | RSTReuseState:
     _checks.not_masked('rst', 'params', params, _SUPPORTED_SUBSET)
-    selected = _perturbed_leaves(mask, params)  # checks mask against params
     fields = dict(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.key_data(_coin.as_key(seed)),
         sam_steps=jnp.zeros([], jnp.int32),
         base_state=base_tx.init(params),
     )
+    _check_base_tx_state(fields['base_state'])
+    leaves, treedef = jax.tree.flatten(params)
+    if not leaves:
+      # No parameters, or optax.tree_map_params's placeholder (a node with
+      # no leaves, which stands for the parameters): nothing to check, and
+      # the buffer is laid out as the parameters are.
+      return (RSTReuseState(**fields, reuse_direction=params) if reusing
+              else RSTState(**fields))
+    selected = _perturbed_leaves(mask, params, can_take_sam)
     if not reusing:
       return RSTState(**fields)
-    leaves, treedef = jax.tree.flatten(params)
     return RSTReuseState(**fields, reuse_direction=treedef.unflatten([
         jnp.zeros_like(w) if m else optax.MaskedNode()
         for w, m in zip(leaves, selected, strict=True)]))
@@ -409,7 +499,7 @@ def rst(
     """The selected leaves of each of ``trees`` (laid out like ``params``),
     and a function that puts new selected leaves back into a tree."""
     treedef = jax.tree.structure(params)
-    selected = _perturbed_leaves(mask, params)
+    selected = _perturbed_leaves(mask, params, can_take_sam)
     picked = [[x for x, m in zip(treedef.flatten_up_to(t), selected,
                                  strict=True) if m] for t in trees]
 
@@ -424,6 +514,7 @@ def rst(
     """``params`` plus the perturbation along ``g`` on the selected leaves;
     and whether the perturbation is finite."""
     (g_leaves, w_leaves), merge = split(params, g, params)
+    w_leaves = [jnp.asarray(w) for w in w_leaves]  # a Python float too
     e, finite = _norms.perturbation(g_leaves, w_leaves,
                                     _radius(rho_fn(count)), eps,
                                     eta if adaptive else None)

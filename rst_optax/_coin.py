@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rst_optax import _checks
 from rst_optax._types import ScalarOrSchedule, Seed
 
 
@@ -92,13 +93,24 @@ def coin(key: jax.Array, step: jax.Array, schedule: ScalarOrSchedule) -> jax.Arr
   holds the same key draws the same. A NaN p(t) draws ``False``.
 
   Args:
-    key: a typed PRNG key.
-    step: the step count, an int32 scalar.
+    key: a PRNG key: typed (``jax.random.key``) or the raw ``uint32`` key
+      data of the default implementation (``jax.random.PRNGKey``).
+    step: the step count: an int in ``[0, 2**31 - 1]`` or an integer scalar
+      array (as ``rst``'s int32 count).
     schedule: p(t), a float or an ``optax.Schedule``; clipped to [0, 1].
 
   Returns:
     A boolean scalar.
+
+  Raises:
+    TypeError: if ``key`` is not a PRNG key (an int seed, for example), or
+      ``step`` is not an integer scalar (a float, for example). Both are
+      checked by dtype and shape, when tracing: no cost per step.
+    ValueError: if ``step`` is a Python or NumPy int outside
+      ``[0, 2**31 - 1]``, or ``key`` is raw key data of the wrong shape.
   """
+  _checks.prng_key('coin', 'key', key)
+  _checks.step_count('coin', 'step', step)
   step = jnp.asarray(step, jnp.int32)
   return jax.random.bernoulli(
       jax.random.fold_in(key, step), probability_at(schedule, step)

@@ -347,6 +347,57 @@ def grad_fn_output(fn: str, grads: Any, params: Any) -> None:
     raise type(e)(f'{e}{hint}') from None
 
 
+def loss_output(fn: str, out: Any, has_aux: bool) -> Any:
+  """Checks, when tracing, what ``loss_fn`` returned; returns it unchanged.
+
+  Without ``has_aux`` it must be a real floating scalar, the loss; with it,
+  a pair ``(loss, aux)``. Only shapes and dtypes are read: no cost per step.
+
+  Args:
+    fn: the public function, for the message.
+    out: ``loss_fn``'s output.
+    has_aux: the ``has_aux`` that ``fn`` was given.
+
+  Raises:
+    TypeError: naming ``fn`` and ``loss_fn`` (and ``has_aux`` where it is
+      the likely cause), if ``out`` is not of that form.
+  """
+  pair = isinstance(out, (tuple, list)) and len(out) == 2
+  if has_aux and not pair:
+    raise TypeError(
+        f'{fn}: with `has_aux=True`, `loss_fn` must return a pair (loss, aux); '
+        f'got {_describe(out)}. Pass has_aux=False if it returns the loss '
+        'alone.')
+  loss = out[0] if has_aux else out
+  if _is_float_scalar(loss):
+    return out
+  if not has_aux and pair and _is_float_scalar(out[0]):
+    raise TypeError(
+        f'{fn}: `loss_fn` returned a pair whose first item is a scalar, as '
+        '(loss, aux) does, but `has_aux` is False: pass has_aux=True.')
+  what = 'the loss in (loss, aux)' if has_aux else 'the loss'
+  raise TypeError(
+      f'{fn}: `loss_fn` must return {what} as a real floating scalar; got '
+      f'{_describe(loss)}.')
+
+
+def _is_float_scalar(x: Any) -> bool:
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None:
+    return isinstance(x, float)
+  return np.ndim(x) == 0 and _is_real_dtype(dtype) and jnp.issubdtype(
+      dtype, jnp.floating)
+
+
+def _describe(x: Any) -> str:
+  """``x`` for messages: shape and dtype for arrays and tracers."""
+  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+    return f'an array of shape {tuple(x.shape)} and dtype {x.dtype}'
+  if isinstance(x, (tuple, list)):
+    return f'a {type(x).__name__} of {len(x)} items'
+  return f'{type(x).__name__} {x!r}'
+
+
 def axis_name_bound(fn: str, axis_name: str) -> None:
   """Checks, when tracing, that ``axis_name`` is a bound mapped axis.
 

@@ -347,6 +347,19 @@ def grad_fn_output(fn: str, grads: Any, params: Any) -> None:
     raise type(e)(f'{e}{hint}') from None
 
 
+def helper_args(fn: str, loss_fn: Any, has_aux: Any) -> None:
+  """Checks the ``loss_fn`` and ``has_aux`` of a ``grad_fn`` helper.
+
+  Raises:
+    TypeError: naming ``fn`` and the argument, if ``loss_fn`` is not
+      callable or ``has_aux`` is not a bool.
+  """
+  if not callable(loss_fn):
+    raise TypeError(f'{fn}: `loss_fn` must be callable; got {loss_fn!r}.')
+  if not isinstance(has_aux, (bool, np.bool_)):
+    raise TypeError(f'{fn}: `has_aux` must be a bool; got {has_aux!r}.')
+
+
 def loss_output(fn: str, out: Any, has_aux: bool) -> Any:
   """Checks, when tracing, what ``loss_fn`` returned; returns it unchanged.
 

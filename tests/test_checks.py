@@ -207,7 +207,8 @@ def test_axis_name_bound_refuses_an_unbound_axis(where):
 
 
 def test_axis_name_bound_accepts_a_bound_axis_at_no_cost():
-  mesh = jax.make_mesh((1,), ('data',))
+  mesh = jax.make_mesh((1,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
   spec = PartitionSpec()
   jax.jit(jax.shard_map(_bound, mesh=mesh, in_specs=spec, out_specs=spec))(
       1.0)

@@ -3,7 +3,8 @@
 For each model, times one training step of: the base optimizer alone
 (``base``); SAM (``sam opaque``: ``optax.contrib.sam`` in opaque mode, and
 ``rst p=1``: ``rst`` with the Python constant ``schedule=1``, which traces no
-``cond``); ``rst p=0`` (the Python constant 0, no ``cond`` either); and
+``cond`` between the branches); ``rst p=0`` (the Python constant 0, no ``cond``
+either); and
 ``rst`` at each p with the coin in the graph (``cond``: ``schedule`` given as
 ``optax.constant_schedule(p)``, so a ``cond`` is traced at every p) and with
 host dispatch (``host``: ``rst_optax.HostDispatch``). All configurations run

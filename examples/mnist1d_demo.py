@@ -169,7 +169,7 @@ def make_tx(method, args, total_steps, seed):
   base = optax.sgd(lr, momentum=0.9)
   if method == 'sgd':
     return optax.with_extra_args_support(base), None, None
-  if method == 'sam':  # SAM is rst at p = 1, lam = 1 (no cond traced).
+  if method == 'sam':  # SAM is rst at p = 1, lam = 1 (no cond between branches).
     schedule, lam = 1.0, 1.0
   else:
     schedule = schedules.family(args.schedule, args.p, total_steps)
@@ -254,7 +254,7 @@ def compile_step(setup, method, dispatch, x, y):
           step.jitted(setup.state, x, y, first, take_sam=take_sam))
     _ = step.take_sam  # computes all the decisions now, not in the loop
     return step, planned, time.perf_counter() - start, lambda: step.compilations
-  # SGD, SAM (p = 1: no cond traced), or RST with the in-graph coin.
+  # SGD, SAM (p = 1: no cond between branches), or RST with the in-graph coin.
   traces = []
 
   def counted_step(*step_args):

@@ -121,16 +121,90 @@ def seed(fn: str, value: Any) -> None:
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+def prng_key(fn: str, name: str, value: Any) -> None:
+  """Checks that ``value`` is one PRNG key: a typed key (``jax.random.key``)
+  or the raw ``uint32`` key data of the default implementation
+  (``jax.random.PRNGKey``).
+
+  Reads only the dtype and shape, so it costs nothing on tracers.
+
+  Raises:
+    TypeError: naming ``fn`` and ``name``, if ``value`` is not a key (an int
+      seed, for example) or is an array of keys.
+    ValueError: if raw key data has the wrong shape.
+  """
+  dtype = getattr(value, 'dtype', None)
+  shape = getattr(value, 'shape', None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if shape == ():
+      return
+    raise TypeError(f'{fn}: `{name}` must be a single PRNG key, not an array '
+                    f'of keys; got shape {shape}.')
+  if (dtype is not None and np.dtype(dtype) == np.uint32
+      and np.ndim(value) == 1):
+    want = jax.random.key_data(jax.random.key(0)).shape
+    if shape != want:
+      raise ValueError(
+          f'{fn}: raw key data in `{name}` must have shape {want} (the default '
+          f'PRNG implementation); got shape {shape}. Pass a typed key, '
+          'jax.random.wrap_key_data(data, impl=...), for other '
+          'implementations.')
+    return
+  got = (f'an array of shape {shape} and dtype {dtype}' if dtype is not None
+         else repr(value))
+  raise TypeError(
+      f'{fn}: `{name}` must be a JAX PRNG key (jax.random.key(seed), or '
+      f'jax.random.PRNGKey(seed)), not a seed; got {got}.')
+
+
+def step_count(fn: str, name: str, value: Any) -> None:
+  """Checks that ``value`` is a step count: an int in ``[0, 2**31 - 1]``, or
+  a 0-d array (a tracer, e.g. ``rst``'s count) of an integer dtype.
+
+  Arrays are checked by dtype and shape only, so it costs nothing on
+  tracers; Python and NumPy ints by value too.
+
+  Raises:
+    TypeError: naming ``fn`` and ``name``, if ``value`` is not an integer
+      scalar (a float or a bool, for example).
+    ValueError: if a Python or NumPy int is outside ``[0, 2**31 - 1]``.
+  """
+  allowed = ('an int in [0, 2**31 - 1] (the int32 step count) or an integer '
+             'scalar array')
+  if isinstance(value, (int, np.integer)) and not isinstance(
+      value, (bool, np.bool_)):
+    step(fn, name, value)
+    return
+  dtype = getattr(value, 'dtype', None)
+  if (isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0
+      and dtype is not None and np.dtype(dtype) != np.bool_
+      and jnp.issubdtype(dtype, jnp.integer)):
+    return
+  raise TypeError(f'{fn}: `{name}` must be {allowed}; got {value!r}.')
+
+
+def _is_real_dtype(dtype: Any) -> bool:
+  """Whether ``dtype`` is a real number type: any JAX integer or floating
+  dtype, bfloat16 and the other ``ml_dtypes`` types included (NumPy gives
+  bfloat16 the kind ``'V'``), but not bool, complex or a PRNG key."""
+  try:
+    dtype = np.dtype(dtype)
+  except TypeError:  # e.g. a PRNG key's extended dtype
+    return False
+  return bool(jnp.issubdtype(dtype, jnp.floating)
+              or jnp.issubdtype(dtype, jnp.integer))
+
+
 def _is_real_scalar(value: Any) -> bool:
   """Whether ``value`` is a 0-d real number: a Python int or float, or a
-  NumPy/JAX scalar or 0-d array of an int or float dtype (not bool, not a
-  string, not complex)."""
+  NumPy/JAX scalar or 0-d array of an int or float dtype (bfloat16 and
+  float16 included; not bool, not a string, not complex)."""
   if isinstance(value, bool):
     return False
   if isinstance(value, (int, float)):
     return True
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
-    return np.ndim(value) == 0 and np.dtype(value.dtype).kind in 'iuf'
+    return np.ndim(value) == 0 and _is_real_dtype(value.dtype)
   return isinstance(value, Real) and not isinstance(value, complex)
 
 
@@ -138,10 +212,14 @@ def schedule_value(fn: str, name: str, value: Any) -> None:
   """Checks, when tracing, that a schedule returned a real scalar.
 
   Works on tracers too: only the shape and dtype are read, so it costs
-  nothing per step.
+  nothing per step. Every JAX integer and floating dtype passes, bfloat16
+  and float16 included.
+
+  Raises:
+    TypeError: naming ``fn`` and ``name``, if ``value`` is not a real scalar.
   """
   dtype = getattr(value, 'dtype', None)
-  ok = (np.ndim(value) == 0 and np.dtype(dtype).kind in 'iuf'
+  ok = (np.ndim(value) == 0 and _is_real_dtype(dtype)
         if dtype is not None else _is_real_scalar(value))
   if not ok:
     shape = getattr(value, 'shape', None)
@@ -179,23 +257,52 @@ def not_masked(fn: str, name: str, tree: Any, supported: str) -> None:
         f'Put those inside it instead: {supported}.')
 
 
+def _dtype_of(leaf: Any) -> Any:
+  """The dtype of an array leaf, or NumPy's for a Python scalar."""
+  return leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype
+
+
+def _where(path: Any) -> str:
+  """A leaf's path for messages; ``(the root)`` for a single-array tree."""
+  return jax.tree_util.keystr(path) or '(the root)'
+
+
 def real_floating(fn: str, name: str, tree: Any) -> None:
   """Checks, when tracing, that every leaf of ``tree`` has a real floating
-  dtype (complex and integer leaves are refused)."""
+  dtype (complex and integer leaves, and PRNG keys, are refused).
+
+  Raises:
+    TypeError: naming ``fn``, ``name`` and the leaf, if one is not.
+  """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    dtype = np.dtype(leaf.dtype if hasattr(leaf, 'dtype')
-                     else np.asarray(leaf).dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      where = jax.tree_util.keystr(path) or '(the root)'
-      kind = 'complex' if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
-      raise TypeError(
-          f'{fn}: every leaf of `{name}` must have a real floating dtype; the '
-          f'leaf at {where} is {kind}.')
+    dtype = _dtype_of(leaf)
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+      kind: Any = f'a PRNG key ({dtype}); keep keys out of `{name}`'
+    elif not jnp.issubdtype(dtype, jnp.floating):
+      kind = ('complex' if jnp.issubdtype(dtype, jnp.complexfloating)
+              else np.dtype(dtype))
+    else:
+      continue
+    raise TypeError(
+        f'{fn}: every leaf of `{name}` must have a real floating dtype; the '
+        f'leaf at {_where(path)} is {kind}.')
+
+
+def _same_shapes(tree: Any, ref: Any) -> bool:
+  """Whether ``tree`` has the tree structure and leaf shapes of ``ref``."""
+  return jax.tree.structure(tree) == jax.tree.structure(ref) and all(
+      np.shape(a) == np.shape(b)
+      for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref), strict=True))
 
 
 def same_structure(fn: str, name: str, tree: Any, ref_name: str,
                    ref: Any) -> None:
-  """Checks that ``tree`` has the tree structure and leaf shapes of ``ref``."""
+  """Checks that ``tree`` has the tree structure and leaf shapes of ``ref``:
+  whole shapes, so ``(1,)`` and ``(5,)`` differ.
+
+  Raises:
+    ValueError: naming ``fn``, ``name`` and the first leaf that differs.
+  """
   if jax.tree.structure(tree) != jax.tree.structure(ref):
     raise ValueError(
         f'{fn}: `{name}` must have the tree structure of `{ref_name}`; got '
@@ -205,25 +312,32 @@ def same_structure(fn: str, name: str, tree: Any, ref_name: str,
     if np.shape(a) != np.shape(b):
       raise ValueError(
           f'{fn}: `{name}` must have the shapes of `{ref_name}`; at '
-          f'{jax.tree_util.keystr(path)} got {np.shape(a)} for {np.shape(b)}.')
+          f'{_where(path)} got {np.shape(a)} for {np.shape(b)}.')
 
 
 def grad_fn_output(fn: str, grads: Any, params: Any) -> None:
   """Checks, when tracing, that ``grad_fn(params)`` returned gradients: the
-  tree structure and shapes of ``params``, with real floating dtypes."""
+  tree structure and shapes of ``params``, with real floating dtypes.
+
+  Raises:
+    ValueError: if the structure or a shape differs, with a hint where the
+      output looks like the loss, ``(value, grads)`` or ``(grads, aux)``.
+    TypeError: if a leaf does not have a real floating dtype.
+  """
   structure = jax.tree.structure(params)
+  is_scalar = lambda x: (jax.tree.structure(x).num_leaves == 1
+                         and np.ndim(jax.tree.leaves(x)[0]) == 0)
   hint = ''
   if isinstance(grads, tuple) and len(grads) == 2:
     first, second = (jax.tree.structure(x) for x in grads)
-    if second == structure:
+    if second == structure and is_scalar(grads[0]):
       hint = (' It looks like a (value, grads) pair from jax.value_and_grad: '
               'pass jax.grad(loss_fn) instead.')
     elif first == structure:
       hint = (' It looks like (grads, aux) from has_aux=True: return the '
               'gradients alone, e.g. lambda p: jax.grad(loss_fn, '
               'has_aux=True)(p)[0].')
-  elif jax.tree.structure(grads).num_leaves == 1 and np.ndim(
-      jax.tree.leaves(grads)[0]) == 0 and structure.num_leaves != 1:
+  elif is_scalar(grads) and not _same_shapes(grads, params):
     hint = (' It looks like the loss itself: pass its gradient, '
             'jax.grad(loss_fn).')
   try:
@@ -232,6 +346,95 @@ def grad_fn_output(fn: str, grads: Any, params: Any) -> None:
   except (ValueError, TypeError) as e:
     raise type(e)(f'{e}{hint}') from None
 
+
+def helper_args(fn: str, loss_fn: Any, has_aux: Any) -> None:
+  """Checks the ``loss_fn`` and ``has_aux`` of a ``grad_fn`` helper.
+
+  Raises:
+    TypeError: naming ``fn`` and the argument, if ``loss_fn`` is not
+      callable or ``has_aux`` is not a bool.
+  """
+  if not callable(loss_fn):
+    raise TypeError(f'{fn}: `loss_fn` must be callable; got {loss_fn!r}.')
+  if not isinstance(has_aux, (bool, np.bool_)):
+    raise TypeError(f'{fn}: `has_aux` must be a bool; got {has_aux!r}.')
+
+
+def loss_output(fn: str, out: Any, has_aux: bool) -> Any:
+  """Checks, when tracing, what ``loss_fn`` returned; returns it unchanged.
+
+  Without ``has_aux`` it must be a real floating scalar, the loss; with it,
+  a pair ``(loss, aux)``. Only shapes and dtypes are read: no cost per step.
+
+  Args:
+    fn: the public function, for the message.
+    out: ``loss_fn``'s output.
+    has_aux: the ``has_aux`` that ``fn`` was given.
+
+  Raises:
+    TypeError: naming ``fn`` and ``loss_fn`` (and ``has_aux`` where it is
+      the likely cause), if ``out`` is not of that form.
+  """
+  pair = isinstance(out, (tuple, list)) and len(out) == 2
+  if has_aux and not pair:
+    raise TypeError(
+        f'{fn}: with `has_aux=True`, `loss_fn` must return a pair (loss, aux); '
+        f'got {_describe(out)}. Pass has_aux=False if it returns the loss '
+        'alone.')
+  loss = out[0] if has_aux else out
+  if _is_float_scalar(loss):
+    return out
+  if not has_aux and pair and _is_float_scalar(out[0]):
+    raise TypeError(
+        f'{fn}: `loss_fn` returned a pair whose first item is a scalar, as '
+        '(loss, aux) does, but `has_aux` is False: pass has_aux=True.')
+  what = 'the loss in (loss, aux)' if has_aux else 'the loss'
+  raise TypeError(
+      f'{fn}: `loss_fn` must return {what} as a real floating scalar; got '
+      f'{_describe(loss)}.')
+
+
+def _is_float_scalar(x: Any) -> bool:
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None:
+    return isinstance(x, float)
+  return np.ndim(x) == 0 and _is_real_dtype(dtype) and jnp.issubdtype(
+      dtype, jnp.floating)
+
+
+def _describe(x: Any) -> str:
+  """``x`` for messages: shape and dtype for arrays and tracers."""
+  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+    return f'an array of shape {tuple(x.shape)} and dtype {x.dtype}'
+  if isinstance(x, (tuple, list)):
+    return f'a {type(x).__name__} of {len(x)} items'
+  return f'{type(x).__name__} {x!r}'
+
+
+def axis_name_bound(fn: str, axis_name: str) -> None:
+  """Checks, when tracing, that ``axis_name`` is a bound mapped axis.
+
+  ``jax.lax.axis_size`` raises a ``NameError`` for an axis that no
+  enclosing ``shard_map``, ``pmap`` or ``jax.vmap(..., axis_name=...)``
+  binds; it reads only the trace's axis environment, so the check costs
+  nothing per step.
+
+  Args:
+    fn: the public function, for the message.
+    axis_name: the axis name to look up.
+
+  Raises:
+    ValueError: naming ``fn`` and ``axis_name``, if the axis is not bound.
+  """
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError:
+    raise ValueError(
+        f'{fn}: `axis_name`={axis_name!r} is not a bound axis here: '
+        '`axis_name` needs the update to run inside jax.shard_map or '
+        'jax.pmap over that axis (or jax.vmap(..., axis_name=...)). Under '
+        'jax.jit with shardings, gradients are already global: leave '
+        '`axis_name` as None.') from None
 
 
 def step(fn: str, name: str, value: Any, minimum: int = 0) -> int:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rst_optax import _checks
 from rst_optax._types import ScalarOrSchedule, Seed
 
 
@@ -40,6 +41,45 @@ def config_of(tx: Any) -> CoinConfig | None:
   """The :class:`CoinConfig` of an ``rst`` transformation, else ``None``."""
   config = getattr(getattr(tx, 'update', None), _CONFIG_ATTRIBUTE, None)
   return config if isinstance(config, CoinConfig) else None
+
+
+# The steps at which two schedules are compared: the first 256, and powers
+# of two (and their neighbours) up to the int32 step limit.
+_PROBE_STEPS = np.unique(np.clip(np.concatenate([
+    np.arange(256),
+    *[np.array([2**k - 1, 2**k, 2**k + 1]) for k in range(8, 32)],
+]), 0, 2**31 - 1)).astype(np.int32)
+
+
+def _coin_of(config: CoinConfig) -> tuple[str, np.ndarray, np.ndarray] | None:
+  """The key implementation, key data and p(t) at :data:`_PROBE_STEPS` of
+  ``config``; None if the schedule cannot be evaluated there."""
+  key = as_key(config.seed)
+  try:
+    probs = np.asarray(jax.jit(jax.vmap(
+        lambda t: probability_at(config.schedule, t)))(_PROBE_STEPS))
+  except Exception:  # noqa: BLE001 - not comparable; rst would have failed.
+    return None
+  return (str(jax.random.key_impl(key)),
+          np.asarray(jax.random.key_data(key)), probs)
+
+
+def same_coin(a: CoinConfig, b: CoinConfig) -> bool:
+  """Whether ``a`` and ``b`` draw the same coin, as far as can be told.
+
+  True if they are the same configuration, or have the same key and the same
+  p(t) at :data:`_PROBE_STEPS` (the first 256 steps, and around every power
+  of two): two schedules that differ only elsewhere are taken as the same.
+  Also True where a schedule cannot be evaluated on its own (the comparison
+  is then left to the step count and key checks).
+  """
+  if a is b or (a.schedule is b.schedule and a.seed is b.seed):
+    return True
+  coin_a, coin_b = _coin_of(a), _coin_of(b)
+  if coin_a is None or coin_b is None:
+    return True
+  return (coin_a[0] == coin_b[0] and np.array_equal(coin_a[1], coin_b[1])
+          and np.array_equal(coin_a[2], coin_b[2], equal_nan=True))
 
 
 def as_schedule(value: ScalarOrSchedule) -> Callable[[jax.Array], jax.Array]:
@@ -92,13 +132,24 @@ def coin(key: jax.Array, step: jax.Array, schedule: ScalarOrSchedule) -> jax.Arr
   holds the same key draws the same. A NaN p(t) draws ``False``.
 
   Args:
-    key: a typed PRNG key.
-    step: the step count, an int32 scalar.
+    key: a PRNG key: typed (``jax.random.key``) or the raw ``uint32`` key
+      data of the default implementation (``jax.random.PRNGKey``).
+    step: the step count: an int in ``[0, 2**31 - 1]`` or an integer scalar
+      array (as ``rst``'s int32 count).
     schedule: p(t), a float or an ``optax.Schedule``; clipped to [0, 1].
 
   Returns:
     A boolean scalar.
+
+  Raises:
+    TypeError: if ``key`` is not a PRNG key (an int seed, for example), or
+      ``step`` is not an integer scalar (a float, for example). Both are
+      checked by dtype and shape, when tracing: no cost per step.
+    ValueError: if ``step`` is a Python or NumPy int outside
+      ``[0, 2**31 - 1]``, or ``key`` is raw key data of the wrong shape.
   """
+  _checks.prng_key('coin', 'key', key)
+  _checks.step_count('coin', 'step', step)
   step = jnp.asarray(step, jnp.int32)
   return jax.random.bernoulli(
       jax.random.fold_in(key, step), probability_at(schedule, step)

@@ -73,9 +73,9 @@ def _draw(schedule):
   return jax.jit(draw)
 
 
-def _decide(fn: str, schedule: ScalarOrSchedule, seed: Seed, start: int,
-            stop: int) -> np.ndarray:
-  """:func:`decisions` without the argument checks."""
+def _draw_chunk(schedule: ScalarOrSchedule, seed: Seed, start: int,
+                stop: int) -> tuple[np.ndarray, np.ndarray]:
+  """The coin at steps ``[start, stop)``, and where p(t) is NaN there."""
   static, p = _as_dynamic(schedule)
   try:
     draw = _draw(static)
@@ -83,8 +83,15 @@ def _decide(fn: str, schedule: ScalarOrSchedule, seed: Seed, start: int,
     draw = _draw.__wrapped__(static)
   steps = jnp.arange(start, stop, dtype=jnp.int32)
   taken, nan = draw(_coin.as_key(seed), steps, p)
-  _raise_on_nan(fn, np.asarray(nan), start)
-  return np.asarray(taken, dtype=bool)
+  return np.asarray(taken, dtype=bool), np.asarray(nan, dtype=bool)
+
+
+def _decide(fn: str, schedule: ScalarOrSchedule, seed: Seed, start: int,
+            stop: int) -> np.ndarray:
+  """:func:`decisions` without the argument checks."""
+  taken, nan = _draw_chunk(schedule, seed, start, stop)
+  _raise_on_nan(fn, nan, start)
+  return taken
 
 
 def probabilities(fn: str, schedule: ScalarOrSchedule, total_steps: int
@@ -145,18 +152,41 @@ def decisions(
   return _decide('decisions', schedule, seed, start, stop)
 
 
+class _Stream(Iterator[bool]):
+  """The decisions of steps ``start, start + 1, ...``, drawn a chunk at a
+  time; a NaN p(t) raises when its own step is reached, and again at every
+  later ``next`` (the stream does not move past it)."""
+
+  def __init__(self, fn: str, schedule: ScalarOrSchedule, seed: Seed,
+               start: int, chunk_size: int):
+    self._fn, self._schedule, self._seed = fn, schedule, seed
+    self._chunk_size = chunk_size
+    self._begin = start  # the step of self._taken[0]
+    self._taken = np.zeros(0, bool)
+    self._nan = np.zeros(0, bool)
+    self._at = 0
+
+  def __next__(self) -> bool:
+    if self._at == len(self._taken):
+      begin = self._begin + len(self._taken)
+      if begin >= MAX_STEP:
+        raise StopIteration
+      stop = min(begin + self._chunk_size, MAX_STEP)
+      self._taken, self._nan = _draw_chunk(self._schedule, self._seed, begin,
+                                           stop)
+      self._begin, self._at = begin, 0
+    if self._nan[self._at]:
+      _raise_on_nan(self._fn, self._nan[self._at:self._at + 1],
+                    self._begin + self._at)
+    taken = bool(self._taken[self._at])
+    self._at += 1
+    return taken
+
+
 def stream(fn: str, schedule: ScalarOrSchedule, seed: Seed, start: int,
            chunk_size: int) -> Iterator[bool]:
   """:func:`iter_decisions` of checked arguments; errors name ``fn``."""
-
-  def generate() -> Iterator[bool]:
-    begin = start
-    while begin < MAX_STEP:
-      stop = min(begin + chunk_size, MAX_STEP)
-      yield from _decide(fn, schedule, seed, begin, stop).tolist()
-      begin = stop
-
-  return generate()
+  return _Stream(fn, schedule, seed, start, chunk_size)
 
 
 def iter_decisions(
@@ -179,8 +209,10 @@ def iter_decisions(
 
   Returns:
     An iterator of Python bools; item ``i`` is ``True`` when step
-    ``start + i`` is a SAM step. It raises a ValueError when it reaches a
-    step where the schedule is NaN.
+    ``start + i`` is a SAM step. Where the schedule is NaN at step ``t``, it
+    yields the items before ``t`` and raises a ValueError at item ``t``
+    itself (at each ``next`` from then on), though p(t) is computed a chunk
+    at a time.
 
   Example:
     >>> import itertools, rst_optax

@@ -4,9 +4,12 @@ The decision of step ``t`` is a pure function of ``(schedule, seed, t)``
 (:func:`rst_optax.coin`), both read from the ``rst`` transformation itself, so
 the host knows it ahead of time without reading anything back from the
 device. A train step jitted with ``take_sam`` static then compiles once per
-branch, two executables in all, and runs with no control flow in its graph.
-On XLA:CPU this avoids a large slowdown of convolution gradients inside
-``jax.lax.cond`` (jax issue #12868).
+branch, two executables in all, and neither holds a ``cond`` between the
+branches: the base step has no control flow from ``rst``, and the SAM step
+only, on CPU, the ``jax.lax.cond`` on a scalar that picks how the
+perturbation's norm is computed, with no gradient inside. On XLA:CPU this
+avoids a large slowdown of convolution gradients inside ``jax.lax.cond`` (jax
+issue #12868).
 """
 
 import functools
@@ -45,19 +48,96 @@ def _rst_states(tree: Any) -> list[RSTState | RSTReuseState]:
   return [s for s in map(_as_rst_state, nodes) if s is not None]
 
 
-def _count_arrays(states: list[RSTState | RSTReuseState]) -> list[jax.Array]:
-  """The ``count`` arrays of ``states``, as arrays this process can read."""
+def _field_arrays(states: list[RSTState | RSTReuseState], field: str
+                  ) -> list[jax.Array]:
+  """The ``field`` (``'count'`` or ``'key'``) arrays of ``states``, one per
+  state, as arrays this process can read."""
   arrays = []
   for state in states:
-    for leaf in jax.tree.leaves(state.count):  # NNX wraps it in a Variable.
+    # NNX wraps it in a Variable.
+    for leaf in jax.tree.leaves(getattr(state, field)):
       if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         leaf = leaf.addressable_data(0)
       arrays.append(leaf)
   return arrays
 
 
+def _coin_configs(value: Any) -> list[_coin.CoinConfig]:
+  """The coin of ``value`` if it is an ``rst`` transformation, or of its
+  ``tx`` attribute (a Flax ``TrainState``, an ``nnx.Optimizer``)."""
+  found = []
+  for candidate in (value, _attribute(value, 'tx')):
+    config = _coin.config_of(candidate)
+    if config is not None:
+      found.append(config)
+  return found
+
+
+def _attribute(value: Any, name: str) -> Any:
+  try:
+    return getattr(value, name, None)
+  except Exception:  # noqa: BLE001 - a property that fails: nothing there.
+    return None
+
+
+def _name(fn: Any) -> str:
+  return getattr(fn, '__qualname__', None) or repr(fn)
+
+
+def _referenced(fn: Any, depth: int = 2) -> list[tuple[str, Any]]:
+  """The values ``fn`` refers to by name, as ``(name, value)``: its closure
+  variables and the globals it reads, the arguments of a
+  ``functools.partial``, and, ``depth - 1`` levels down, those of the
+  functions among them."""
+  found: list[tuple[str, Any]] = []
+  seen: set[int] = set()
+
+  def visit(f: Any, level: int) -> None:
+    if id(f) in seen or level == 0:
+      return
+    seen.add(id(f))
+    if isinstance(f, functools.partial):
+      found.extend((f'an argument of functools.partial({_name(f.func)})',
+                    v) for v in (*f.args, *f.keywords.values()))
+      visit(f.func, level)
+      return
+    f = getattr(f, '__func__', f)  # a bound method
+    if not inspect.isfunction(f):
+      return
+    try:
+      names = inspect.getclosurevars(f)
+    except (TypeError, ValueError):
+      return
+    for name, value in {**names.globals, **names.nonlocals}.items():
+      found.append((f'{_name(f)} refers to `{name}`, which', value))
+      if inspect.isfunction(value) or isinstance(value, functools.partial):
+        visit(value, level - 1)
+
+  visit(fn, depth)
+  return found
+
+
+def _check_same_coin(config: _coin.CoinConfig,
+                     values: list[tuple[str, Any]]) -> None:
+  """Raises if one of ``values``, given as ``(description, value)``, is (or
+  holds) an ``rst`` transformation whose coin is not ``config``'s."""
+  for where, value in values:
+    for other in _coin_configs(value):
+      if not _coin.same_coin(config, other):
+        raise ValueError(
+            'HostDispatch: `tx` is not the rst transformation that '
+            f'train_step uses: {where} is (or holds, as `.tx`) an rst with '
+            'another schedule or seed, so the decisions HostDispatch reads '
+            "from `tx` would not be that rst's coin. Pass the transformation "
+            'whose update train_step calls as `tx`.')
+
+
+# A check in flight: the step expected, and the counts and keys read back.
+_Pending = tuple[int, tuple[list[jax.Array], list[jax.Array]]]
+
+
 class HostDispatch:
-  """Runs a train step with RST's branch chosen on the host (no ``lax.cond``).
+  """Runs a train step with RST's branch chosen on the host, not by a ``cond``.
 
   Wraps ``train_step(..., take_sam: bool)``, a plain (not yet jitted) function
   that calls ``tx.update(..., take_sam=take_sam)`` once, in ``jax.jit`` with
@@ -82,6 +162,30 @@ class HostDispatch:
     ``optax.apply_if_finite(rst(...))``, which host dispatch does not
     support: wrap the *base* optimizer instead, as in
     ``rst(optax.apply_if_finite(base_tx, n))``, or use the in-graph coin.
+    It reads every ``RSTState`` (and ``RSTReuseState``) in the output, and
+    catches a count that lags (a skipped update) or runs ahead (``update``
+    called twice per step); it also compares each state's key with the key
+    of ``tx``'s seed.
+
+  .. warning::
+    The decisions come from ``tx``'s schedule and seed; ``rst``'s state holds
+    its key but not its schedule. So a different ``rst`` in ``train_step``
+    than the ``tx`` given here is caught only in these cases: when
+    ``HostDispatch`` is built, if ``train_step`` refers by name (a closure
+    variable or a global, also in a function it refers to by name, or an
+    argument of a ``functools.partial``) to an ``rst`` whose coin differs;
+    at the first call, if an argument is such an ``rst`` or holds one as
+    ``.tx`` (a Flax ``TrainState``, an ``nnx.Optimizer``); and, whatever
+    the path, at the periodic check and in :meth:`check_state` if its seed
+    differs. Two coins are taken to differ when their keys differ or their
+    p(t) differs at one of the first 256 steps or next to a power of two.
+    Not caught: an ``rst`` with the same seed and another schedule that
+    ``train_step`` reaches in another way (built inside it, held in a
+    container or an NNX graph), or whose p(t) differs only at other steps.
+
+  A NaN p(t) raises a ValueError at the call of that step, before
+  ``train_step`` runs (the decisions are computed a chunk at a time, but
+  checked step by step); :attr:`step` stays at that step.
 
   Attributes:
     step: the step the next call runs (``start`` plus the calls so far).
@@ -129,13 +233,13 @@ class HostDispatch:
         :class:`RSTState`, which the periodic step check reads.
       tx: the transformation returned by :func:`rst_optax.rst`, whose
         ``update`` ``train_step`` calls; its schedule and seed decide the
-        branches.
+        branches (see the second warning above for what is checked).
       start: the first step; ``int(opt_state.count)`` to resume a run.
       chunk_size: decisions computed at a time (see
         :func:`rst_optax.iter_decisions`).
       take_sam_argname: the name of ``train_step``'s decision argument.
       check_every: compare ``rst``'s step count with the host's every this
-        many calls (see the warning above); ``0`` or ``None`` turns the
+        many calls (see the first warning above); ``0`` or ``None`` turns the
         check off.
       jit: the function that jits ``train_step``: ``jax.jit``, or for example
         ``flax.nnx.jit`` when ``train_step`` takes NNX objects. It must accept
@@ -143,6 +247,13 @@ class HostDispatch:
         Python bool ``take_sam`` static by itself.
       **jit_kwargs: passed to ``jit`` (``donate_argnums``, other
         ``static_argnames``, shardings, ...).
+
+    Raises:
+      TypeError: if ``tx`` is not an ``rst`` transformation, or
+        ``train_step`` does not take ``take_sam_argname`` by keyword.
+      ValueError: if ``train_step`` refers by name to an ``rst`` whose
+        schedule or seed differs from ``tx``'s (see the second warning
+        above), or an argument is out of range.
     """
     if not callable(train_step):
       raise TypeError(
@@ -161,6 +272,8 @@ class HostDispatch:
       raise TypeError('HostDispatch: `take_sam_argname` must be a parameter '
                       f'name (a str); got {take_sam_argname!r}.')
     _check_takes_keyword(train_step, take_sam_argname)
+    _check_same_coin(config, _referenced(train_step))
+    self._config = config
     self.step = _checks.step('HostDispatch', 'start', start, 0)
     chunk_size = _checks.integer('HostDispatch', 'chunk_size', chunk_size, 1)
     self._check_every = (
@@ -174,7 +287,7 @@ class HostDispatch:
     self._argname = take_sam_argname
     self._next: bool | None = None
     self._calls = 0
-    self._pending: tuple[int, list[jax.Array]] | None = None
+    self._pending: _Pending | None = None
     self.sam_steps = 0
     traces = [0]
     self._traces = traces
@@ -212,12 +325,25 @@ class HostDispatch:
     return self._traces[0]
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    """Runs ``train_step(*args, **kwargs, take_sam=<decision>)`` and steps on."""
+    """Runs ``train_step(*args, **kwargs, take_sam=<decision>)`` and steps on.
+
+    Raises:
+      ValueError: if p(t) is NaN at this step (the step does not advance),
+        or, at the first call, an argument is (or holds as ``.tx``) an
+        ``rst`` whose schedule or seed differs from ``tx``'s.
+      RuntimeError: at a periodic check, if ``rst``'s step count or key in
+        the state a call returned ``check_every`` calls ago is not the
+        host's (see the warnings above).
+    """
     if self._argname in kwargs:
       raise TypeError(
           f'HostDispatch: do not pass `{self._argname}`; HostDispatch decides '
           'it from the schedule and seed (call .jitted to choose yourself).')
     take_sam = self.take_sam
+    if self._calls == 0:  # once: the arguments' rst, as TrainState.tx
+      _check_same_coin(self._config, [
+          (f"train_step's argument {i}", v) for i, v in enumerate(args)] + [
+          (f"train_step's argument `{k}`", v) for k, v in kwargs.items()])
     check = self._check_every and self._calls % self._check_every == 0
     if check:
       self._compare_pending()
@@ -231,8 +357,9 @@ class HostDispatch:
     return out
 
   def _returned_counts(self, out: Any, args: Any, kwargs: Any
-                       ) -> list[jax.Array]:
-    """The RSTState counts after a call, their copy to the host started.
+                       ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The RSTState counts and keys after a call, their copy to the host
+    started.
 
     From ``train_step``'s output, else from the objects among its arguments
     that it updates in place (an ``nnx.Optimizer``, whose count is held in a
@@ -241,8 +368,9 @@ class HostDispatch:
     states = _rst_states(out) or [
         s for s in _rst_states((args, kwargs))
         if not isinstance(s.count, (jax.Array, np.ndarray))]
-    counts = [c for c in _count_arrays(states)
-              if not (isinstance(c, jax.Array) and c.is_deleted())]
+    live = lambda c: not (isinstance(c, jax.Array) and c.is_deleted())
+    counts = [c for c in _field_arrays(states, 'count') if live(c)]
+    keys = [k for k in _field_arrays(states, 'key') if live(k)]
     if not counts:
       raise TypeError(
           'HostDispatch: found no RSTState (the state of rst_optax.rst) in '
@@ -251,16 +379,24 @@ class HostDispatch:
           'or pass check_every=0.')
     # A copy on the device, as the next call may donate the state's buffers.
     counts = [jnp.copy(c) for c in counts]
-    for count in counts:
-      count.copy_to_host_async()
-    return counts
+    keys = [jnp.copy(k) for k in keys]
+    for array in (*counts, *keys):
+      array.copy_to_host_async()
+    return counts, keys
 
   def _compare_pending(self) -> None:
     """Raises if the counts kept at the last check step drifted."""
     if self._pending is None:
       return
-    expected, counts = self._pending
+    expected, (counts, keys) = self._pending
     self._pending = None
+    for key in keys:
+      if not self._is_our_key(np.asarray(key)):
+        raise RuntimeError(
+            "HostDispatch: the key in rst's state is not that of `tx`'s "
+            'seed: train_step updates a state made by another rst (another '
+            "seed), so the host's decisions do not follow its coin. Pass the "
+            'transformation whose update train_step calls as `tx`.')
     for count in counts:
       got = int(np.asarray(count))
       if got != expected:
@@ -304,11 +440,16 @@ class HostDispatch:
             f'{counts.ravel()[0]} but HostDispatch at step {self.step}; to '
             'resume, build it with start=int(opt_state.count).')
       keys = np.asarray(jax.device_get(jax.tree.leaves(state.key)))
-      if keys.shape[-1:] != self._key_data.shape[-1:] or np.any(
-          keys != self._key_data):
+      if not self._is_our_key(keys):
         raise ValueError(
             "HostDispatch.check_state: the optimizer state's key is not that "
             "of `tx`'s seed; was the state made by another rst?")
+
+
+  def _is_our_key(self, keys: np.ndarray) -> bool:
+    """Whether ``keys`` (key data, possibly stacked) is that of our seed."""
+    return keys.shape[-1:] == self._key_data.shape[-1:] and bool(
+        np.all(keys == self._key_data))
 
 
 def _check_takes_keyword(fn: Callable[..., Any], name: str) -> None:

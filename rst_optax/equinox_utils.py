@@ -29,6 +29,7 @@ except ImportError as error:
       'rst_optax.equinox_utils needs Equinox, which is not installed; install '
       'it with: pip install "rst_optax[equinox]"') from error
 
+from rst_optax import _checks
 from rst_optax._types import GradFn
 
 __all__ = ['eqx_grad_fn']
@@ -70,6 +71,10 @@ def eqx_grad_fn(
     ``eqx.filter(model, filter_spec)``.
 
   Raises:
+    TypeError: if ``loss_fn`` is not callable or ``has_aux`` not a bool; and
+      when ``grad_fn`` is traced, if ``loss_fn`` does not return a real
+      floating scalar (without ``has_aux``) or a ``(loss, aux)`` pair (with
+      it), naming ``has_aux`` where it looks wrong.
     ValueError: when ``grad_fn`` is called with parameters whose structure is
       not that of ``eqx.filter(model, filter_spec)``.
 
@@ -91,6 +96,7 @@ def eqx_grad_fn(
     >>> int(opt_state.sam_steps)
     1
   """
+  _checks.helper_args('eqx_grad_fn', loss_fn, has_aux)
   params, static = eqx.partition(model, filter_spec)
   expected = jax.tree.structure(params)
 
@@ -102,7 +108,9 @@ def eqx_grad_fn(
           'tx.update the arrays of eqx.partition(model, filter_spec) with the '
           f'same filter_spec. Expected {expected}; got '
           f'{jax.tree.structure(trained)}.')
-    return loss_fn(eqx.combine(trained, static), *args, **kwargs)
+    return _checks.loss_output(
+        'eqx_grad_fn', loss_fn(eqx.combine(trained, static), *args, **kwargs),
+        has_aux)
 
   grad = jax.grad(loss_of_params, has_aux=has_aux)
   if has_aux:

@@ -33,6 +33,7 @@ except ImportError as error:
       'rst_optax.flax_utils needs Flax, which is not installed; install it '
       'with: pip install "rst_optax[flax]"') from error
 
+from rst_optax import _checks
 from rst_optax._types import GradFn
 
 __all__ = ['TrainState', 'linen_grad_fn', 'nnx_grad_fn']
@@ -76,6 +77,14 @@ def nnx_grad_fn(
     ``grad_fn(params) -> grads``, where ``params`` has the structure of
     ``nnx.state(model, wrt)`` (as ``nnx.Optimizer.update`` passes it).
 
+  Raises:
+    TypeError: if ``loss_fn`` is not callable or ``has_aux`` not a bool; and
+      when ``grad_fn`` is traced, if ``loss_fn`` does not return a real
+      floating scalar (without ``has_aux``) or a ``(loss, aux)`` pair (with
+      it), naming ``has_aux`` where it looks wrong.
+    ValueError: when ``grad_fn`` is called with parameters other than the
+      model's ``wrt`` variables.
+
   Example:
     >>> import jax.numpy as jnp, optax, rst_optax
     >>> from flax import nnx
@@ -91,6 +100,7 @@ def nnx_grad_fn(
     >>> int(optimizer.opt_state.count[...])
     1
   """
+  _checks.helper_args('nnx_grad_fn', loss_fn, has_aux)
   graphdef, trained, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
   rest = _as_pure(rest)  # arrays, a snapshot of the state before the pass
   expected = jax.tree.structure(_as_pure(trained))
@@ -104,7 +114,8 @@ def nnx_grad_fn(
           f'nnx.Optimizer(..., wrt=...). `wrt`={wrt!r} selects '
           f'{_paths(trained)}; grad_fn got {_paths(params)}.')
     copy = nnx.merge(graphdef, params, rest, copy=True)
-    return loss_fn(copy, *args, **kwargs)
+    return _checks.loss_output('nnx_grad_fn', loss_fn(copy, *args, **kwargs),
+                               has_aux)
 
   grad = jax.grad(loss_of_params, has_aux=has_aux)
   if has_aux:
@@ -147,6 +158,12 @@ def linen_grad_fn(
   Returns:
     ``grad_fn(params) -> grads``.
 
+  Raises:
+    TypeError: if ``loss_fn`` is not callable or ``has_aux`` not a bool; and
+      when ``grad_fn`` is traced, if ``loss_fn`` does not return a real
+      floating scalar (without ``has_aux``) or a ``(loss, aux)`` pair (with
+      it), naming ``has_aux`` where it looks wrong.
+
   Example:
     >>> import jax, jax.numpy as jnp, optax, rst_optax
     >>> import flax.linen as nn
@@ -165,7 +182,9 @@ def linen_grad_fn(
     >>> int(state.step)
     1
   """
-  grad = jax.grad(loss_fn, has_aux=has_aux)
+  _checks.helper_args('linen_grad_fn', loss_fn, has_aux)
+  grad = jax.grad(lambda *a, **k: _checks.loss_output(
+      'linen_grad_fn', loss_fn(*a, **k), has_aux), has_aux=has_aux)
 
   def grad_fn(params):
     grads = grad(params, *args, **kwargs)

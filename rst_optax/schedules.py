@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from rst_optax import _checks, _decisions
-from rst_optax._types import ScalarOrSchedule
+from rst_optax._types import MAX_STEP, ScalarOrSchedule
 
 __all__ = [
     'FAMILIES',
@@ -209,6 +209,13 @@ def family(name: str, mean_p: float, total_steps: int) -> optax.Schedule:
   Returns:
     An ``optax.Schedule``.
 
+  Raises:
+    ValueError: if ``name`` is not in :data:`FAMILIES`, ``mean_p`` or
+      ``total_steps`` is out of range, or, for ``'periodic'``, ``mean_p`` is
+      not 0 nor 1/k for a whole number k in [1, 2**31 - 1] (up to a relative
+      1e-9).
+    TypeError: if ``mean_p`` or ``total_steps`` is not a number.
+
   Example:
     >>> from rst_optax import schedules
     >>> s = schedules.family('linear', 0.25, total_steps=1000)
@@ -228,10 +235,11 @@ def family(name: str, mean_p: float, total_steps: int) -> optax.Schedule:
     if p == 0.0:
       return constant(0.0)
     every = round(1.0 / p)
-    if abs(1.0 / every - p) > 1e-9:
+    if abs(every * p - 1.0) > 1e-9 or every > MAX_STEP:
       raise ValueError(
           "family: for name='periodic', `mean_p` must be 1/k for a whole "
-          f'number k (0.5, 0.25, 0.2, ...) or 0; got {mean_p!r}.')
+          'number k in [1, 2**31 - 1] (0.5, 0.25, 0.2, ...) or 0; got '
+          f'{mean_p!r}.')
     return periodic(every)
   low, high = max(0.0, 2.0 * p - 1.0), min(1.0, 2.0 * p)
   if name == 'linear':

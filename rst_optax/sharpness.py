@@ -11,7 +11,8 @@ neighbourhood of the weights. These two measures tell how far a run got:
 
 Both take ``loss_fn(params) -> scalar``, a function of the parameters alone
 that closes over the data (a fixed batch, or the whole training set where it
-fits), and accept any pytree of parameters.
+fits), or ``(loss, aux)`` with ``has_aux=True``, and accept any pytree of
+floating-point parameters. What ``loss_fn`` returns is checked when tracing.
 
 References:
   Keskar et al., `On Large-Batch Training for Deep Learning: Generalization
@@ -25,6 +26,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rst_optax import _checks
@@ -38,11 +40,13 @@ __all__ = [
 LossFn = Callable[[optax.Params], jax.Array]
 
 
-def _check_loss_fn(fn: str, loss_fn) -> None:
+def _check_loss_fn(fn: str, loss_fn, has_aux) -> None:
   if not callable(loss_fn):
     raise TypeError(
         f'{fn}: `loss_fn` must be a callable params -> scalar loss; got '
         f'{loss_fn!r}.')
+  if not isinstance(has_aux, (bool, np.bool_)):
+    raise TypeError(f'{fn}: `has_aux` must be a bool; got {has_aux!r}.')
 
 
 def _check_params(fn: str, params) -> None:
@@ -50,12 +54,34 @@ def _check_params(fn: str, params) -> None:
   if not leaves:
     raise ValueError(f'{fn}: `params` must be a pytree with at least one array '
                      'leaf; got an empty tree.')
-  for leaf in leaves:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     dtype = getattr(leaf, 'dtype', None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      where = jax.tree_util.keystr(path) or '(the root)'
+      got = (f'a {type(leaf).__name__}, not an array' if dtype is None
+             else f'of dtype {dtype}')
       raise TypeError(
-          f'{fn}: every leaf of `params` must be a floating-point array; got '
-          f'{type(leaf).__name__} with dtype {dtype}.')
+          f'{fn}: every leaf of `params` must be a floating-point array; the '
+          f'leaf at {where} is {got}.')
+
+
+def _check_key(fn: str, key) -> jax.Array:
+  """``key``, checked, or ``jax.random.key(0)`` for None."""
+  if key is None:
+    return jax.random.key(0)
+  _checks.prng_key(fn, 'key', key)
+  return key
+
+
+def _loss_of(fn: str, loss_fn, has_aux: bool) -> LossFn:
+  """``loss_fn`` as a function of the parameters to the loss alone, its
+  output checked when tracing (named as ``fn``'s)."""
+
+  def loss(params):
+    out = _checks.loss_output(fn, loss_fn(params), has_aux)
+    return out[0] if has_aux else out
+
+  return loss
 
 
 def _normalize(tree, eps=1e-30):
@@ -63,7 +89,8 @@ def _normalize(tree, eps=1e-30):
 
 
 def hvp(
-    loss_fn: LossFn, params: optax.Params, vector: optax.Params
+    loss_fn: LossFn, params: optax.Params, vector: optax.Params, *,
+    has_aux: bool = False,
 ) -> optax.Params:
   r"""Hessian-vector product :math:`\nabla^2 L(w)\, v`, forward over reverse.
 
@@ -71,12 +98,22 @@ def hvp(
   gradient's cost, twice or so, and no Hessian in memory.
 
   Args:
-    loss_fn: ``loss_fn(params) -> scalar``.
+    loss_fn: ``loss_fn(params) -> scalar`` (or ``(loss, aux)`` with
+      ``has_aux=True``).
     params: the point :math:`w`, a pytree of floating-point arrays.
-    vector: :math:`v`, a pytree with the structure of ``params``.
+    vector: :math:`v`, a pytree with the structure, shapes and dtypes of
+      ``params``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
 
   Returns:
     :math:`H v`, a pytree with the structure of ``params``.
+
+  Raises:
+    TypeError: if ``loss_fn`` is not callable or does not return a real
+      floating scalar (or a ``(loss, aux)`` pair with ``has_aux``), a leaf
+      of ``params`` is not floating-point, or ``vector``'s dtypes differ.
+    ValueError: if ``params`` is empty, or ``vector``'s structure or shapes
+      are not those of ``params``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -85,7 +122,26 @@ def hvp(
     >>> sharpness.hvp(loss, jnp.zeros(2), jnp.ones(2))
     Array([3., 1.], dtype=float32)
   """
-  return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
+  fn = 'hvp'
+  _check_loss_fn(fn, loss_fn, has_aux)
+  _check_params(fn, params)
+  _checks.same_structure(fn, 'vector', vector, 'params', params)
+  for (path, v), w in zip(jax.tree_util.tree_leaves_with_path(vector),
+                          jax.tree.leaves(params), strict=True):
+    dtype = getattr(v, 'dtype', None)
+    if dtype != w.dtype:
+      where = jax.tree_util.keystr(path) or '(the root)'
+      got = f'a {type(v).__name__}' if dtype is None else dtype
+      raise TypeError(
+          f'{fn}: `vector` must have the dtypes of `params`; the leaf at '
+          f'{where} is {got} for {w.dtype}.')
+  return _hvp(_loss_of(fn, loss_fn, has_aux), params, vector)
+
+
+def _hvp(loss: LossFn, params: optax.Params, vector: optax.Params
+         ) -> optax.Params:
+  """:func:`hvp` of checked arguments."""
+  return jax.jvp(jax.grad(loss), (params,), (vector,))[1]
 
 
 def top_hessian_eigenvalue(
@@ -95,6 +151,7 @@ def top_hessian_eigenvalue(
     num_iters: int = 100,
     error_tolerance: float = 1e-6,
     key: jax.Array | None = None,
+    has_aux: bool = False,
 ) -> tuple[jax.Array, optax.Params]:
   r"""Dominant eigenvalue of the Hessian of ``loss_fn`` at ``params``.
 
@@ -118,12 +175,21 @@ def top_hessian_eigenvalue(
     num_iters: the most power iterations, ``>= 1``.
     error_tolerance: stops when the relative change of the estimate is below
       it, ``>= 0``.
-    key: a JAX PRNG key for the random start; ``None`` uses
-      ``jax.random.key(0)``.
+    key: a JAX PRNG key for the random start (typed, or raw ``uint32`` key
+      data); ``None`` uses ``jax.random.key(0)``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
 
   Returns:
     ``(eigenvalue, eigenvector)``: a float scalar and a unit-norm pytree with
-    the structure of ``params``.
+    the structure of ``params``. Where the Hessian is zero (a linear or
+    constant loss), ``0`` and the random start vector, normalized: every
+    vector is then an eigenvector.
+
+  Raises:
+    TypeError: if ``loss_fn`` is not callable or does not return a real
+      floating scalar (or a ``(loss, aux)`` pair with ``has_aux``), a leaf
+      of ``params`` is not floating-point, or ``key`` is not a PRNG key.
+    ValueError: if ``params`` is empty, or an argument is out of range.
 
   Example:
     >>> import jax.numpy as jnp
@@ -139,16 +205,27 @@ def top_hessian_eigenvalue(
     <https://arxiv.org/abs/1912.07145>`_, 2020.
   """
   fn = 'top_hessian_eigenvalue'
-  _check_loss_fn(fn, loss_fn)
+  _check_loss_fn(fn, loss_fn, has_aux)
   _check_params(fn, params)
   num_iters = _checks.integer(fn, 'num_iters', num_iters, 1)
   _checks.number(fn, 'error_tolerance', error_tolerance, low=0.0)
-  if key is None:
-    key = jax.random.key(0)
+  key = _check_key(fn, key)
+  loss = _loss_of(fn, loss_fn, has_aux)
   v0 = optax.tree.random_like(key, params, jax.random.normal)
-  return optax.power_iteration(
-      lambda v: hvp(loss_fn, params, v), v0=v0, num_iters=num_iters,
-      error_tolerance=error_tolerance)
+
+  def power_iteration():
+    return optax.power_iteration(
+        lambda v: _hvp(loss, params, v), v0=v0, num_iters=num_iters,
+        error_tolerance=error_tolerance)
+
+  def zero_hessian():
+    # H v0 = 0 for a random v0 only where H = 0 (almost surely); power
+    # iteration would divide by ||H v0|| = 0.
+    eigenvalue = jax.eval_shape(power_iteration)[0]
+    return jnp.zeros([], eigenvalue.dtype), _normalize(v0)
+
+  is_zero = optax.tree.norm(_hvp(loss, params, v0)) == 0
+  return jax.lax.cond(is_zero, zero_hessian, power_iteration)
 
 
 def epsilon_sharpness(
@@ -158,6 +235,7 @@ def epsilon_sharpness(
     *,
     num_steps: int = 10,
     key: jax.Array | None = None,
+    has_aux: bool = False,
 ) -> jax.Array:
   r"""ε-sharpness: the largest rise of the loss within an L2 ball of radius ρ.
 
@@ -187,11 +265,19 @@ def epsilon_sharpness(
     params: the point :math:`w`, a pytree of floating-point arrays.
     rho: the radius :math:`\rho`, a finite number ``>= 0``.
     num_steps: ascent steps after the first (SAM) perturbation, ``>= 0``.
-    key: a JAX PRNG key for the random direction used when the gradient at
-      ``params`` is zero; ``None`` uses ``jax.random.key(0)``.
+    key: a JAX PRNG key (typed, or raw ``uint32`` key data) for the random
+      direction used when the gradient at ``params`` is zero; ``None`` uses
+      ``jax.random.key(0)``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
 
   Returns:
     :math:`S_\rho(w)` as a float scalar.
+
+  Raises:
+    TypeError: if ``loss_fn`` is not callable or does not return a real
+      floating scalar (or a ``(loss, aux)`` pair with ``has_aux``), a leaf
+      of ``params`` is not floating-point, or ``key`` is not a PRNG key.
+    ValueError: if ``params`` is empty, or an argument is out of range.
 
   Example:
     >>> import jax.numpy as jnp
@@ -210,12 +296,12 @@ def epsilon_sharpness(
     Generalization <https://arxiv.org/abs/2010.01412>`_, 2021.
   """
   fn = 'epsilon_sharpness'
-  _check_loss_fn(fn, loss_fn)
+  _check_loss_fn(fn, loss_fn, has_aux)
   _check_params(fn, params)
   _checks.number(fn, 'rho', rho, low=0.0)
   num_steps = _checks.integer(fn, 'num_steps', num_steps, 0)
-  if key is None:
-    key = jax.random.key(0)
+  key = _check_key(fn, key)
+  loss_fn = _loss_of(fn, loss_fn, has_aux)
 
   value_and_grad = jax.value_and_grad(lambda e: loss_fn(
       optax.tree.add(params, e)))

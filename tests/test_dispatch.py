@@ -1,6 +1,7 @@
 """Host dispatch and the host-side decisions: HostDispatch, decisions,
 iter_decisions, recommended_dispatch."""
 
+import functools
 import itertools
 
 import chex
@@ -100,6 +101,74 @@ def test_host_dispatch_reads_schedule_and_seed_from_tx():
   assert taken == rst_optax.decisions(schedule, SEED + 7, 0, STEPS).tolist()
   assert taken != rst_optax.decisions(schedule, SEED, 0, STEPS).tolist()
   assert step.sam_steps == int(state.sam_steps)
+
+
+def _other_rst_steps():
+  """Train steps that reach an rst of another coin than ``_tx(0.5)``'s."""
+  other = _tx(0.3)  # the same seed, another schedule
+  plain = _train_step(other)
+
+  def by_closure(params, opt_state, batch, take_sam):
+    return plain(params, opt_state, batch, take_sam)
+
+  def by_partial(tx, params, opt_state, batch, take_sam):
+    return _train_step(tx)(params, opt_state, batch, take_sam)
+
+  return other, {
+      'closure': plain,
+      'nested-closure': by_closure,
+      'partial': functools.partial(by_partial, other),
+  }
+
+
+@pytest.mark.parametrize('how', ['closure', 'nested-closure', 'partial'])
+def test_host_dispatch_refuses_an_rst_other_than_tx(how):
+  other, steps = _other_rst_steps()
+  with pytest.raises(ValueError, match='HostDispatch: `tx` is not the rst '
+                     'transformation that train_step uses.*another schedule'):
+    rst_optax.HostDispatch(steps[how], _tx(0.5))
+  with pytest.raises(ValueError, match='another schedule or seed'):
+    rst_optax.HostDispatch(steps[how], _tx(0.3, seed=SEED + 1))
+  # The same rst, or another with the same schedule and seed: accepted.
+  rst_optax.HostDispatch(steps[how], other)
+  rst_optax.HostDispatch(steps[how], _tx(0.3))
+
+
+def test_host_dispatch_refuses_a_train_state_of_another_rst():
+  from rst_optax import flax_utils
+
+  params, batch = _problem()
+
+  def train_step(state, batch, take_sam):
+    grads = jax.grad(_loss)(state.params, batch)
+    return state.apply_gradients(
+        grads=grads, take_sam=take_sam,
+        grad_fn=lambda p: jax.grad(_loss)(p, batch))
+
+  state = flax_utils.TrainState.create(apply_fn=None, params=params,
+                                       tx=_tx(0.3))
+  step = rst_optax.HostDispatch(train_step, _tx(0.5))
+  with pytest.raises(ValueError, match="train_step's argument 0 is .*an rst "
+                     'with another schedule or seed'):
+    step(state, batch)
+  assert step.step == 0
+  same = rst_optax.HostDispatch(train_step, _tx(0.3))
+  assert int(same(state, batch).step) == same.step == 1
+
+
+def test_the_periodic_check_catches_the_state_of_another_seed():
+  """An rst that HostDispatch cannot see (in a list): its key is read."""
+  hidden = [_tx(0.5, seed=SEED + 1)]
+
+  def train_step(params, opt_state, batch, take_sam):
+    return _train_step(hidden[0])(params, opt_state, batch, take_sam)
+
+  params, batch = _problem()
+  step = rst_optax.HostDispatch(train_step, _tx(0.5), check_every=2)
+  with pytest.raises(RuntimeError, match="key in rst's state is not that of "
+                     "`tx`'s seed"):
+    _run(step, params, hidden[0].init(params), batch, STEPS)
+  assert step.step == 2
 
 
 def test_host_dispatch_compiles_once_per_branch(compilations):
@@ -232,13 +301,57 @@ def test_the_count_check_works_with_donated_state():
 
 @pytest.mark.parametrize('check_every', [0, None])
 def test_the_count_check_can_be_turned_off(check_every):
+  # Past call 100, where the default check would read call 0's count.
   tx = _tx(0.5)
   wrapped = optax.MultiSteps(tx, every_k_schedule=2)
   params, batch = _problem()
   step = rst_optax.HostDispatch(
       _train_step(tx, lambda tx: wrapped), tx, check_every=check_every)
-  _run(step, params, wrapped.init(params), batch, 8)
-  assert step.step == 8
+  _run(step, params, wrapped.init(params), batch, 102)
+  assert step.step == 102
+
+
+def _twice(tx):
+  """A train step that calls ``tx.update`` twice per step."""
+  once = _train_step(tx)
+
+  def train_step(params, opt_state, batch, take_sam=None):
+    params, opt_state = once(params, opt_state, batch, take_sam)
+    return once(params, opt_state, batch, take_sam)
+
+  return train_step
+
+
+def test_the_count_check_catches_a_count_that_runs_ahead():
+  tx = _tx(0.5)
+  params, batch = _problem()
+  step = rst_optax.HostDispatch(_twice(tx), tx, check_every=2)
+  with pytest.raises(RuntimeError, match=r"step count was 2 after step 0, "
+                     'where HostDispatch expected 1.*other than once'):
+    _run(step, params, tx.init(params), batch, STEPS)
+  assert step.step == 2  # The count of call 0, read at call 2.
+
+
+def test_the_count_check_reads_every_rst_state_in_the_output():
+  """Two rst states (one with ``reuse``) of the same coin; only the second,
+  updated twice per step, is off."""
+  tx = _tx(0.5)
+  reusing = rst_optax.rst(optax.sgd(0.05), 0.5, rho=0.1, seed=SEED,
+                          reuse=0.5)
+  once, twice = _train_step(tx), _twice(reusing)
+
+  def train_step(params, states, batch, take_sam):
+    new, first = once(params, states[0], batch, take_sam)
+    _, second = twice(params, states[1], batch, take_sam)
+    return new, (first, second)
+
+  params, batch = _problem()
+  states = (tx.init(params), reusing.init(params))
+  assert isinstance(states[1], rst_optax.RSTReuseState)
+  step = rst_optax.HostDispatch(train_step, tx, check_every=2)
+  with pytest.raises(RuntimeError, match='step count was 2 after step 0'):
+    _run(step, params, states, batch, STEPS)
+  assert step.step == 2
 
 
 def test_the_count_check_needs_the_state_in_the_output():
@@ -434,13 +547,13 @@ def test_iter_decisions_equals_decisions_across_chunks():
 
 def test_iter_decisions_computes_chunk_by_chunk(monkeypatch):
   calls = []
-  decide = _decisions._decide
+  draw = _decisions._draw_chunk
 
-  def recording(fn, schedule, seed, start, stop):
+  def recording(schedule, seed, start, stop):
     calls.append((start, stop))
-    return decide(fn, schedule, seed, start, stop)
+    return draw(schedule, seed, start, stop)
 
-  monkeypatch.setattr(_decisions, '_decide', recording)
+  monkeypatch.setattr(_decisions, '_draw_chunk', recording)
   it = rst_optax.iter_decisions(0.5, SEED, start=4, chunk_size=10)
   assert calls == []  # Lazy: nothing computed before the first item.
   list(itertools.islice(it, 11))
@@ -486,6 +599,45 @@ def test_host_side_functions_raise_on_nan_probability(fn):
   with pytest.raises(ValueError, match=f'{fn}: `schedule` returned NaN at '
                      'step 3'):
     HOST_SIDE[fn](NAN_AT_3)
+
+
+def test_iter_decisions_raises_at_the_nan_step_itself():
+  nan_at_5 = lambda t: jnp.where(t == 5, jnp.nan, 0.5)
+  it = rst_optax.iter_decisions(nan_at_5, SEED, start=2)  # one chunk
+  got = [next(it) for _ in range(3)]
+  assert got == rst_optax.decisions(0.5, SEED, 2, 5).tolist()
+  for _ in range(2):  # and again: it does not move past the step
+    with pytest.raises(ValueError, match='iter_decisions: `schedule` '
+                       'returned NaN at step 5'):
+      next(it)
+
+
+def test_host_dispatch_raises_at_the_nan_step_itself():
+  calls = []
+  tx = _tx(lambda t: jnp.where(t == 5, jnp.nan, 0.5))
+  step = rst_optax.HostDispatch(lambda take_sam: calls.append(take_sam), tx,
+                                check_every=0, jit=lambda f, **_: f)
+  for _ in range(5):
+    step()
+  for _ in range(2):
+    with pytest.raises(ValueError, match='HostDispatch: `schedule` returned '
+                       'NaN at step 5'):
+      step()
+  assert step.step == len(calls) == 5
+  assert calls == rst_optax.decisions(0.5, SEED, 0, 5).tolist()
+
+
+def test_iter_decisions_at_the_end_of_the_int32_range():
+  last = 2**31 - 1
+  # A chunk size that does not divide the 7 steps left: 3 + 3 + 1.
+  got = list(rst_optax.iter_decisions(0.5, SEED, start=last - 7,
+                                      chunk_size=3))
+  assert got == rst_optax.decisions(0.5, SEED, last - 7, last).tolist()
+  assert 0 < sum(got) < 7
+  # The default chunk size, 4096, past the steps left.
+  got = list(rst_optax.iter_decisions(0.5, SEED, start=last - 100))
+  assert got == rst_optax.decisions(0.5, SEED, last - 100, last).tolist()
+  assert list(rst_optax.iter_decisions(0.5, SEED, start=last)) == []
 
 
 @pytest.mark.parametrize('kwargs, error, match', [

@@ -218,6 +218,55 @@ def test_eqx_grad_fn_with_other_parameters_says_so():
     grad_fn({'w': jnp.ones(3)})
 
 
+def test_filter_spec_and_kwargs_reach_the_perturbed_pass():
+  """Only the weight is trained (a filter_spec that leaves the bias out), and
+  the loss's keyword argument is the one given: the SAM step's gradient is
+  that of the model with the perturbed weight, the bias as it was."""
+  model = _activated_model()
+  x = _batches()[0][0]
+
+  def loss_fn(model, x, *, scale=1.0):
+    return scale * _activated_loss(model, x) + jnp.sum(model.linear.bias ** 2)
+
+  spec = jax.tree.map(lambda _: False, model)
+  spec = eqx.tree_at(lambda m: m.linear.weight, spec, replace=True)
+  params, static = eqx.partition(model, spec)
+  assert params.linear.bias is None
+  grad_fn = equinox_utils.eqx_grad_fn(loss_fn, model, x, filter_spec=spec,
+                                      scale=3.0)
+  grad = lambda p: jax.grad(lambda q: loss_fn(eqx.combine(q, static), x,
+                                              scale=3.0))(p)
+  tx = rst_optax.rst(optax.sgd(LR), schedule=1.0, rho=RHO)
+  updates, _ = tx.update(grad(params), tx.init(params), params,
+                         grad_fn=grad_fn)
+  g = grad(params).linear.weight
+  moved = eqx.tree_at(lambda m: m.linear.weight, params,
+                      params.linear.weight + RHO * g / jnp.linalg.norm(g))
+  assert_close(updates.linear.weight, -LR * grad(moved).linear.weight)
+  # scale=1.0 (the default) or the bias trained would give another step.
+  unscaled = jax.grad(lambda q: loss_fn(eqx.combine(q, static), x))(moved)
+  assert np.max(np.abs(unscaled.linear.weight - grad(moved).linear.weight)
+                ) > 1e-3
+
+
+@pytest.mark.parametrize('has_aux, returns, match', [
+    (True, lambda m, x: _activated_loss(m, x),
+     r'eqx_grad_fn: with `has_aux=True`, `loss_fn` must return a pair'),
+    (False, lambda m, x: (_activated_loss(m, x), {'n': 1}),
+     r'eqx_grad_fn: .*`has_aux` is False: pass has_aux=True'),
+    (False, lambda m, x: jax.vmap(m)(x),
+     r'eqx_grad_fn: `loss_fn` must return the loss as a real floating scalar'),
+])
+def test_a_wrong_has_aux_is_named(has_aux, returns, match):
+  model = _activated_model()
+  x = _batches()[0][0]
+  grad_fn = equinox_utils.eqx_grad_fn(returns, model, x, has_aux=has_aux)
+  with pytest.raises(TypeError, match=match):
+    grad_fn(eqx.filter(model, eqx.is_inexact_array))
+  with pytest.raises(TypeError, match='eqx_grad_fn: `has_aux` must be a bool'):
+    equinox_utils.eqx_grad_fn(returns, model, x, has_aux='yes')
+
+
 def test_equinox_example_runs_both_dispatch_modes_alike():
   from examples import equinox_example
 

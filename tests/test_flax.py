@@ -5,6 +5,8 @@ Each Flax step is checked against the same computation written in plain JAX
 running statistics, which must come from the first (unperturbed) pass only.
 """
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -180,6 +182,33 @@ def test_linen_grad_fn_with_aux_is_the_gradient_without_aux():
       lambda p, x: (loss(p, x), jnp.zeros(4)), 3.0, has_aux=True)(params)
   chex.assert_trees_all_equal(with_aux, plain)
   np.testing.assert_array_equal(plain['w'], [6.0, -12.0])
+
+
+def _wrong_aux_cases(loss):
+  """(has_aux, loss_fn, message) for a loss_fn(first, x) of the helpers."""
+  return [
+      (True, loss, 'with `has_aux=True`, `loss_fn` must return a pair'),
+      (False, lambda a, x: (loss(a, x), {'n': 1}),
+       '`has_aux` is False: pass has_aux=True'),
+  ]
+
+
+@pytest.mark.parametrize('case', [0, 1])
+def test_a_wrong_has_aux_is_named(case):
+  # Linen: a loss of the parameters.
+  params = {'w': jnp.array([1.0, -2.0])}
+  loss = lambda p, x: jnp.sum(p['w'] ** 2 * x)
+  has_aux, loss_fn, match = _wrong_aux_cases(loss)[case]
+  with pytest.raises(TypeError, match='linen_grad_fn: .*' + re.escape(match)):
+    flax_utils.linen_grad_fn(loss_fn, 3.0, has_aux=has_aux)(params)
+  # NNX: a loss of the model.
+  model = NNXNet(nnx.Rngs(3))
+  xs, ys = _batches()
+  params = flax_utils._as_pure(nnx.state(model, nnx.Param))
+  has_aux, loss_fn, match = _wrong_aux_cases(
+      lambda m, x: nnx_loss(m, x, ys[0]))[case]
+  with pytest.raises(TypeError, match='nnx_grad_fn: .*' + re.escape(match)):
+    flax_utils.nnx_grad_fn(loss_fn, model, xs[0], has_aux=has_aux)(params)
 
 
 def test_nnx_grad_fn_with_another_wrt_than_the_optimizer_says_so():

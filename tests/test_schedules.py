@@ -123,6 +123,11 @@ def test_schedules_drive_rst():
     (lambda: schedules.family('linear', True, 10), 'family: `mean_p`'),
     (lambda: schedules.family('linear', 0.5, 0), 'family: `total_steps`'),
     (lambda: schedules.family('linear', 0.5, 2**31), 'family: `total_steps`'),
+    # 1/k for a k past the int32 step count: named as family's, not
+    # periodic's `every`.
+    (lambda: schedules.family('periodic', 1e-10, 100), 'family: .*`mean_p`'),
+    (lambda: schedules.family('periodic', 1 / 2**31, 100),
+     'family: .*`mean_p`'),
 ])
 def test_bad_schedule_arguments(make, name):
   with pytest.raises((TypeError, ValueError), match=name):
@@ -186,6 +191,16 @@ def test_periodic_takes_sam_exactly_every_k_steps_whatever_the_seed(every):
     _, state = tx.update(params, state, params, grad_fn=grad_fn)
     taken.append(int(state.sam_steps) > before)
   np.testing.assert_array_equal(taken, want[:2 * every])
+
+
+@pytest.mark.parametrize('every', [93, 99, 105, 117, 123, 2**31 - 1])
+def test_periodic_family_takes_the_nearest_whole_period(every):
+  """1 / (1 / k) is just below k for some k: the period is k, not k - 1."""
+  s = schedules.family('periodic', 1 / every, 1000)
+  steps = np.array([every - 2, every - 1, every, 2 * every - 1, 2 * every])
+  steps = steps[steps <= 2**31 - 1]
+  np.testing.assert_array_equal(
+      [float(s(t)) for t in steps], (steps % every == every - 1))
 
 
 def test_periodic_refuses_a_period_below_one():

@@ -1,8 +1,10 @@
 """Flatness measures against quadratics whose Hessian is known."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from rst_optax import sharpness
@@ -132,6 +134,77 @@ def test_tools_run_under_jit():
   assert float(lam) == pytest.approx(EIGS[0], rel=1e-4)
 
 
+def test_has_aux_drops_the_aux():
+  loss, _, _, w_star, as_params = quadratic()
+  with_aux = lambda p: (loss(p), {'state': jnp.ones(2)})
+  p, v = as_params(w_star + 0.3), as_params(np.arange(6.0))
+  for fn, args in [
+      (sharpness.hvp, (p, v)),
+      (sharpness.top_hessian_eigenvalue, (p,)),
+      (sharpness.epsilon_sharpness, (p, 0.1)),
+  ]:
+    chex.assert_trees_all_close(fn(with_aux, *args, has_aux=True),
+                                fn(loss, *args), rtol=1e-6)
+
+
+@pytest.mark.parametrize('loss', [lambda w: 3.0 * jnp.sum(w['a']) - w['b'],
+                                  lambda w: 2.0],
+                         ids=['linear', 'constant'])
+def test_a_zero_hessian_has_eigenvalue_zero(loss):
+  params = {'a': jnp.ones(3), 'b': jnp.zeros([])}
+  key = jax.random.key(4)
+  start = optax.tree.random_like(key, params, jax.random.normal)
+  start = np.concatenate([np.ravel(start['a']), np.ravel(start['b'])])
+  for run in (sharpness.top_hessian_eigenvalue,
+              jax.jit(sharpness.top_hessian_eigenvalue, static_argnums=0)):
+    lam, v = run(loss, params, key=key)
+    assert float(lam) == 0.0
+    # The start vector, normalized: an eigenvector of the zero Hessian.
+    v = np.concatenate([np.ravel(v['a']), np.ravel(v['b'])])
+    np.testing.assert_allclose(v, start / np.linalg.norm(start), rtol=1e-6)
+
+
+def test_the_key_chooses_the_start_vector():
+  loss, _, _, w_star, as_params = quadratic()
+  p = as_params(w_star)
+  one_step = lambda key: flat(sharpness.top_hessian_eigenvalue(
+      loss, p, num_iters=1, error_tolerance=0.0, key=key)[1])
+  np.testing.assert_array_equal(one_step(jax.random.key(1)),
+                                one_step(jax.random.key(1)))
+  np.testing.assert_array_equal(one_step(None), one_step(jax.random.key(0)))
+  assert not np.allclose(one_step(jax.random.key(1)),
+                         one_step(jax.random.key(2)), atol=1e-3)
+  # Raw key data of the default implementation is a key too.
+  np.testing.assert_array_equal(one_step(jax.random.PRNGKey(1)),
+                                one_step(jax.random.key(1)))
+
+
+def test_epsilon_sharpness_keeps_the_largest_rise_over_the_iterates():
+  """On a loss that is not concave in the ball, the ascent passes its best
+  point first and then falls: the estimate keeps the best."""
+  loss = lambda w: jnp.sum(jnp.sin(3.0 * w)) + 0.1 * jnp.sum(w ** 2)
+  w, rho = jnp.array([0.3, -0.2, 0.1]), 1.0
+  unit = lambda x: x / jnp.linalg.norm(x)
+  rises, eps = [], rho * unit(jax.grad(loss)(w))
+  for _ in range(8):  # the iterates, as the docstring writes them
+    rises.append(float(loss(w + eps) - loss(w)))
+    eps = rho * unit(eps + rho * unit(jax.grad(loss)(w + eps)))
+  assert max(rises) == rises[0] > rises[-1] + 0.1  # best first, then lower
+  got = [float(sharpness.epsilon_sharpness(loss, w, rho, num_steps=k))
+         for k in range(8)]
+  assert got == pytest.approx([rises[0]] * 8, rel=1e-5)
+
+
+CALLS = {
+    'hvp': lambda loss, aux: sharpness.hvp(loss, jnp.ones(2), jnp.ones(2),
+                                           has_aux=aux),
+    'top_hessian_eigenvalue': lambda loss, aux: (
+        sharpness.top_hessian_eigenvalue(loss, jnp.ones(2), has_aux=aux)),
+    'epsilon_sharpness': lambda loss, aux: sharpness.epsilon_sharpness(
+        loss, jnp.ones(2), 0.1, has_aux=aux),
+}
+
+
 @pytest.mark.parametrize('call, error, words', [
     (lambda: sharpness.epsilon_sharpness(lambda w: w @ w, jnp.ones(2), -0.1),
      ValueError, ['epsilon_sharpness', '`rho`']),
@@ -154,6 +227,37 @@ def test_tools_run_under_jit():
      TypeError, ['top_hessian_eigenvalue', '`params`']),
     (lambda: sharpness.top_hessian_eigenvalue(lambda w: 0.0, {}),
      ValueError, ['top_hessian_eigenvalue', '`params`']),
+    # What loss_fn returns: checked when tracing.
+    *[(lambda fn=fn, out=out, aux=aux: CALLS[fn](lambda w: out(w), aux),
+       TypeError, [fn, *words])
+      for fn in ('hvp', 'top_hessian_eigenvalue', 'epsilon_sharpness')
+      for out, aux, words in [
+          (lambda w: w ** 2, False, ['`loss_fn`', 'scalar', 'shape (2,)']),
+          (lambda w: (w @ w, {'n': 1}), False, ['`has_aux`',
+                                                'has_aux=True']),
+          (lambda w: w @ w, True, ['`has_aux=True`', 'has_aux=False']),
+          (lambda w: (w, 1.0), True, ['(loss, aux)', 'shape (2,)']),
+          (lambda w: jnp.sum(w).astype(jnp.int32), False, ['`loss_fn`']),
+      ]],
+    (lambda: sharpness.hvp(lambda w: w @ w, jnp.ones(2, jnp.int32),
+                           jnp.ones(2, jnp.int32)),
+     TypeError, ['hvp', '`params`']),
+    (lambda: sharpness.hvp(lambda w: w @ w, jnp.ones(2), jnp.ones(3)),
+     ValueError, ['hvp', '`vector`', 'shapes', '(3,) for (2,)']),
+    (lambda: sharpness.hvp(lambda w: w @ w, jnp.ones(2), {'v': jnp.ones(2)}),
+     ValueError, ['hvp', '`vector`', 'tree structure']),
+    (lambda: sharpness.hvp(lambda w: w @ w, jnp.ones(2),
+                           jnp.ones(2, jnp.float16)),
+     TypeError, ['hvp', '`vector`', 'float16 for float32']),
+    (lambda: sharpness.top_hessian_eigenvalue(lambda w: w @ w, jnp.ones(2),
+                                              key=0),
+     TypeError, ['top_hessian_eigenvalue', '`key`']),
+    (lambda: sharpness.epsilon_sharpness(lambda w: w @ w, jnp.ones(2), 0.1,
+                                         key=np.uint32(3)),
+     TypeError, ['epsilon_sharpness', '`key`']),
+    (lambda: sharpness.epsilon_sharpness(lambda w: w @ w, jnp.ones(2), 0.1,
+                                         has_aux=1),
+     TypeError, ['epsilon_sharpness', '`has_aux`']),
 ])
 def test_bad_arguments_are_named(call, error, words):
   with pytest.raises(error) as info:

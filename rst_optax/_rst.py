@@ -272,7 +272,12 @@ def rst(
   function of ``(seed, t)`` shared with :func:`rst_optax.decisions`. The branch
   is picked with ``jax.lax.cond``, so a jitted train step compiles once and runs
   the second gradient only on SAM steps. When ``schedule`` is the Python number
-  ``0`` or ``1`` the decision is known when tracing and no ``cond`` is traced.
+  ``0`` or ``1`` the decision is known when tracing and no ``cond`` between the
+  branches is traced: ``0`` traces the base branch alone, ``1`` the SAM branch
+  alone, which on CPU still holds one ``jax.lax.cond`` of its own, on a
+  scalar, that picks how the perturbation's norm is computed (it holds no
+  gradient; with ``reuse``, a second one, on whether :math:`g` is finite,
+  computes :math:`u`).
 
   ``update`` takes, besides the usual arguments:
 
@@ -282,7 +287,8 @@ def rst(
     ``params``, real floating dtypes. With BatchNorm, let it discard the
     statistics of the perturbed pass and keep those of your first.
   - ``take_sam`` (optional): a Python bool fixes the branch when tracing (no
-    ``cond``; for host-side dispatch with :func:`rst_optax.decisions`), a
+    ``cond`` between the branches; for host-side dispatch with
+    :func:`rst_optax.decisions`), a
     boolean scalar array overrides the coin inside the ``cond``. Either way the
     caller is responsible for it matching the coin if the run must be
     reproducible.
@@ -474,6 +480,7 @@ def rst(
 
   def init_fn(params: optax.Params) -> RSTState | RSTReuseState:
     _checks.not_masked('rst', 'params', params, _SUPPORTED_SUBSET)
+    _checks.real_floating('rst', 'params', params)
     fields = dict(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.key_data(_coin.as_key(seed)),
@@ -581,6 +588,8 @@ def rst(
   ) -> tuple[optax.Updates, RSTState | RSTReuseState]:
     _check_update_args(updates, params, grad_fn, take_sam, args)
     _check_state(state, reusing)
+    if axis_name is not None:
+      _checks.axis_name_bound('rst', axis_name)
     count = state.count
     local_updates = updates
     if local:

@@ -4,10 +4,11 @@ Run by tests/test_checkpoint.py:
 
   python tests/_checkpoint_worker.py CKPT_DIR OUT.npz
 
-For each dispatch mode (``'cond'``: the coin drawn in the graph; ``'host'``:
-:class:`rst_optax.HostDispatch`), it restores ``CKPT_DIR/<mode>`` (parameters
-and the whole optimizer state, PRNG key included), trains on to ``STEPS`` and
-saves the final parameters and state leaves as ``<mode>/<i>``.
+For each mode (``'cond'``: the coin drawn in the graph; ``'host'``:
+:class:`rst_optax.HostDispatch`; each also with ``reuse``, whose state holds
+the reuse direction), it restores ``CKPT_DIR/<mode>`` (parameters and the
+whole optimizer state, PRNG key included), trains on to ``STEPS`` and saves
+the final parameters and state leaves as ``<mode>/<i>``.
 """
 
 import sys
@@ -22,18 +23,20 @@ import rst_optax
 
 STEPS = 16
 HALF = 7
-MODES = ('cond', 'host')
+MODES = ('cond', 'host', 'cond_reuse', 'host_reuse')
 SCHEDULE = rst_optax.schedules.linear(0.2, 0.9, STEPS)
 
 
-def make_tx():
+def make_tx(mode='cond'):
   return rst_optax.rst(optax.sgd(0.1, momentum=0.9), schedule=SCHEDULE,
-                       rho=prob.RHO, lam=prob.LAM, seed=prob.SEED)
+                       rho=prob.RHO, lam=prob.LAM, seed=prob.SEED,
+                       reuse=0.7 if mode.endswith('_reuse') else None)
 
 
 def make_trainer(tx, mode, start):
   """A ``step(params, state, t)`` that runs training step ``t``."""
   x, y = prob.make_data(STEPS)
+  mode = mode.removesuffix('_reuse')
 
   def train_step(params, state, xb, yb, take_sam=None):
     return prob.global_step(tx, params, state, xb, yb, take_sam=take_sam)
@@ -61,17 +64,18 @@ def flat_leaves(mode, params, state):
 
 
 def main(ckpt_dir, out_path):
-  tx = make_tx()
-  template = checkpoint_tree(prob.make_params(), tx.init(prob.make_params()))
   results = {}
   with ocp.StandardCheckpointer() as checkpointer:
     for mode in MODES:
+      tx = make_tx(mode)
+      template = checkpoint_tree(prob.make_params(),
+                                 tx.init(prob.make_params()))
       restored = checkpointer.restore(f'{ckpt_dir}/{mode}', template)
       params, state = restored['params'], restored['opt_state']
-      assert isinstance(state, rst_optax.RSTState), type(state)
+      assert type(state) is type(template['opt_state']), type(state)
       start = int(state.count)
       step = make_trainer(tx, mode, start)
-      if mode == 'host':
+      if mode.startswith('host'):
         step.dispatch.check_state(state)
       for t in range(start, STEPS):
         params, state = step(params, state, t)

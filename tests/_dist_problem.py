@@ -71,12 +71,12 @@ def took_sam(old_state, new_state):
 
 
 @functools.cache
-def run_single_device(steps=STEPS):
+def run_single_device(steps=STEPS, reuse=None):
   """The reference: the jitted step on one device; (params, per-step flags).
 
   Cached, so the test modules that compare against it share one run.
   """
-  tx = make_tx()
+  tx = make_tx(reuse=reuse)
   x, y = make_data(steps)
   params = make_params()
   state = tx.init(params)

@@ -18,6 +18,9 @@ its final parameters and the branch each device took at each step:
 - ``local4_static`` / ``local4_cond``: ``shard_map`` on 4 of the devices with
   ``perturbation='local'`` at p = 1, the branch fixed when tracing
   (``take_sam=True``, as host dispatch does) or drawn in a ``cond``.
+- ``jit_data_reuse``, ``smap_global_reuse``, ``smap_local_reuse``: the
+  same as ``jit_data`` and ``smap_*`` with ``reuse=REUSE``; the shard_map
+  runs also save each device's reuse direction (``NAME/buffers/KEY``).
 
 Every run saves ``NAME/params/KEY`` (the final parameters), ``NAME/replicas/
 KEY`` (each device's own copy, stacked on a leading axis) and ``NAME/flags``
@@ -36,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 import rst_optax
 
 N_DEVICES = 8
+REUSE = 0.7
 
 
 def _record(results, name, params, replicas, flags):
@@ -47,14 +51,14 @@ def _record(results, name, params, replicas, flags):
   results[f'{name}/flags'] = np.asarray(flags, bool)
 
 
-def run_jit(results, name, mesh, param_specs):
+def run_jit(results, name, mesh, param_specs, reuse=None):
   """jax.jit with the batch sharded over ``data`` and params as specified."""
   with jax.set_mesh(mesh):
-    _run_jit(results, name, mesh, param_specs)
+    _run_jit(results, name, mesh, param_specs, reuse)
 
 
-def _run_jit(results, name, mesh, param_specs):
-  tx = prob.make_tx()
+def _run_jit(results, name, mesh, param_specs, reuse=None):
+  tx = prob.make_tx(reuse=reuse)
   x, y = prob.make_data()
   shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
   params = {k: shard(v, param_specs[k]) for k, v in prob.make_params().items()}
@@ -101,7 +105,8 @@ def run_shard_map(results, name, mesh, perturbation, tx=None,
   def body(params, state, xb, yb):
     params, state, took = per_device_step(tx, perturbation, params, state,
                                           xb, yb, take_sam)
-    stacked = jax.tree.map(lambda a: a[None], params)
+    stacked = jax.tree.map(lambda a: a[None], (
+        params, getattr(state, 'reuse_direction', {})))
     return params, state, stacked, took[None]
 
   step = jax.jit(jax.shard_map(
@@ -111,9 +116,11 @@ def run_shard_map(results, name, mesh, perturbation, tx=None,
   state = tx.init(params)
   flags = []
   for t in range(prob.STEPS):
-    params, state, replicas, took = step(params, state, x[t], y[t])
+    params, state, (replicas, buffers), took = step(params, state, x[t], y[t])
     flags.append(np.asarray(took))
   _record(results, name, params, replicas, flags)
+  for key, value in buffers.items():
+    results[f'{name}/buffers/{key}'] = np.asarray(value)
 
 
 def run_pmap(results, name):
@@ -163,6 +170,11 @@ def main(out_path):
   data = jax.make_mesh((N_DEVICES,), ('data',), axis_types=(auto,))
   for perturbation in ('global', 'local'):
     run_shard_map(results, f'smap_{perturbation}', data, perturbation)
+    run_shard_map(results, f'smap_{perturbation}_reuse', data, perturbation,
+                  prob.make_tx(axis_name='data', perturbation=perturbation,
+                               reuse=REUSE))
+  run_jit(results, 'jit_data_reuse', jax.make_mesh((N_DEVICES,), ('data',)),
+          replicated, REUSE)
   if hasattr(jax, 'pmap'):
     run_pmap(results, 'pmap_global')
   run_local_static_and_cond(results)

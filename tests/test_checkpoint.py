@@ -27,10 +27,10 @@ def runs(tmp_path_factory):
   """Uninterrupted runs in both modes, checkpointed at step HALF; and the
   subprocess's resumed runs."""
   tmp = tmp_path_factory.mktemp('checkpoint')
-  tx = worker.make_tx()
   uninterrupted, saved = {}, {}
   with ocp.StandardCheckpointer() as checkpointer:
     for mode in worker.MODES:
+      tx = worker.make_tx(mode)
       params = prob.make_params()
       state = tx.init(params)
       step = worker.make_trainer(tx, mode, start=0)
@@ -71,9 +71,11 @@ def test_checkpoint_is_mid_run_and_both_halves_take_both_branches(runs):
     assert 0 < half.sum() < len(half)
 
 
-def test_both_modes_end_in_the_same_state(runs):
+@pytest.mark.parametrize('suffix', ['', '_reuse'])
+def test_both_modes_end_in_the_same_state(runs, suffix):
   uninterrupted, _, _ = runs
-  cond, host = (list(uninterrupted[mode].values()) for mode in worker.MODES)
+  cond, host = (list(uninterrupted[mode + suffix].values())
+                for mode in ('cond', 'host'))
   for a, b in zip(cond, host, strict=True):
     np.testing.assert_array_equal(a, b)
 
@@ -94,3 +96,36 @@ def test_restored_state_keeps_the_key_and_dtypes(runs, tmp_path):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
   assert restored.key.dtype == np.uint32
+
+
+def test_the_reuse_direction_is_saved_and_restored(runs):
+  _, saved, _ = runs
+  state = saved['cond_reuse']
+  assert type(state) is rst_optax.RSTReuseState
+  assert int(state.sam_steps) > 0
+  assert any(np.any(np.asarray(leaf) != 0)
+             for leaf in jax.tree.leaves(state.reuse_direction))
+
+
+OLD_CHECKPOINT = pathlib.Path(__file__).with_name('data') / 'checkpoint_v0_2'
+
+
+def test_a_checkpoint_written_by_version_0_2_restores_and_resumes(runs):
+  """``tests/data/checkpoint_v0_2`` was written by rst_optax 0.2 (before
+  ``reuse``): the 'cond' run of this module at step HALF. It restores into
+  today's RSTState and trains on to the same bits as today's run."""
+  uninterrupted, _, _ = runs
+  tx = worker.make_tx()
+  template = worker.checkpoint_tree(prob.make_params(),
+                                    tx.init(prob.make_params()))
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(OLD_CHECKPOINT.resolve(), template)
+  params, state = restored['params'], restored['opt_state']
+  assert type(state) is rst_optax.RSTState and int(state.count) == worker.HALF
+  step = worker.make_trainer(tx, 'cond', start=worker.HALF)
+  for t in range(worker.HALF, worker.STEPS):
+    params, state = step(params, state, t)
+  got = worker.flat_leaves('cond', params, state)
+  assert got.keys() == uninterrupted['cond'].keys()
+  for key, value in uninterrupted['cond'].items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)

@@ -170,3 +170,35 @@ def test_local_static_sam_step_equals_the_cond_path(sharded):
   assert sharded['local4_static/flags'].shape == (prob.STEPS, 4)
   assert sharded['local4_static/flags'].all()
   assert sharded['local4_cond/flags'].all()
+
+
+# --- reuse (LookSAM) across devices -------------------------------------------
+
+REUSE = 0.7  # as in _sharded_worker
+
+
+@pytest.mark.parametrize('name', ['jit_data_reuse', 'smap_global_reuse'])
+def test_reuse_across_devices_equals_one_device(sharded, name):
+  want_params, want_flags = prob.run_single_device(reuse=REUSE)
+  got = params_of(sharded, name)
+  for key in want_params:
+    np.testing.assert_allclose(got[key], want_params[key], **TOL, err_msg=key)
+  plain, _ = prob.run_single_device()
+  assert not np.allclose(want_params['w1'], plain['w1'], **TOL)
+  assert 0 < want_flags.sum() < prob.STEPS
+
+
+@pytest.mark.parametrize('name', ['smap_global_reuse', 'smap_local_reuse'])
+def test_the_reuse_buffer_is_the_same_on_every_device(sharded, name):
+  """The buffer comes from the averaged gradient and direction: every device
+  keeps the same bits, and the replicas of the parameters stay equal."""
+  flags = sharded[f'{name}/flags']
+  for device in range(N_DEVICES):
+    np.testing.assert_array_equal(flags[:, device], expected_decisions())
+  for key in prob.make_params():
+    for kind in ('buffers', 'replicas'):
+      stacked = sharded[f'{name}/{kind}/{key}']
+      assert stacked.shape[0] == N_DEVICES
+      for device in range(1, N_DEVICES):
+        np.testing.assert_array_equal(stacked[device], stacked[0])
+    assert np.any(sharded[f'{name}/buffers/{key}'][0] != 0)

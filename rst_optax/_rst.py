@@ -239,6 +239,7 @@ def _check_update_args(updates, params, grad_fn, take_sam, args) -> None:
     )
   if not callable(grad_fn):
     raise TypeError(f'rst: `grad_fn` must be callable; got {grad_fn!r}.')
+  _checks.grad_fn_arity('rst', grad_fn)
   _checks.not_masked('rst', 'params', params, _SUPPORTED_SUBSET)
   _checks.not_masked('rst', 'updates', updates, _SUPPORTED_SUBSET)
   _checks.same_structure('rst', 'updates', updates, 'params', params)

@@ -5,12 +5,16 @@ from rst_optax._coin import coin
 from rst_optax._decisions import decisions, iter_decisions
 from rst_optax._dispatch import HostDispatch, recommended_dispatch
 from rst_optax._rst import RSTState, rst
+from rst_optax._types import GradFn, ScalarOrSchedule, Seed
 
 __version__ = '0.1.0'
 
 __all__ = [
+    'GradFn',
     'HostDispatch',
     'RSTState',
+    'ScalarOrSchedule',
+    'Seed',
     'coin',
     'decisions',
     'iter_decisions',

@@ -396,6 +396,27 @@ def rst(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`.
 
+  Raises:
+    TypeError: when built, if ``base_tx`` is not an Optax transformation, a
+      number argument is not a real number (bools and strings are not; a
+      callable is allowed for ``schedule``, ``rho`` and ``lam``), ``seed`` is
+      neither an int nor a PRNG key, ``adaptive`` is not a bool or
+      ``axis_name`` not a str. When ``update`` is traced, if ``grad_fn`` is
+      not a callable of one positional argument or is passed positionally,
+      ``take_sam`` is not a bool, a schedule returns a non-scalar, or a leaf
+      of ``params``, ``updates`` or ``grad_fn``'s output is complex or an
+      integer.
+    ValueError: when built, if a number is out of range or not finite
+      (``schedule`` outside [0, 1], a negative ``rho`` or ``eta``, ``eps``
+      below float32's smallest normal number, an int ``seed`` outside
+      int64), or ``perturbation`` is not ``'global'`` or ``'local'`` (or
+      ``'local'`` without ``axis_name``). In ``init``, if ``mask`` does not
+      fit the parameters (a ``mask`` that is not bools: TypeError). When
+      ``update`` is traced, if ``params`` or ``grad_fn`` is missing,
+      ``updates`` or ``grad_fn``'s output do not match ``params`` in
+      structure and shapes, or ``rst`` was put inside ``optax.masked`` or
+      ``optax.multi_transform``.
+
   Example:
     >>> import jax, jax.numpy as jnp, optax, rst_optax
     >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)

@@ -144,6 +144,22 @@ _PARAMETER_ALIASES = {parameter: (alias, _texts(_value(alias)))
                       for parameter, alias in _BY_PARAMETER.items()}
 
 
+def _full_size_links(app, doctree):
+  """Fits every figure to the page width and links it to its full size.
+
+  Sphinx links an image to its file when a width is set
+  (``html_scaled_image_link``); the Markdown images of the included pages
+  have none, so they get the page width here.
+  """
+  del app
+  from docutils import nodes
+
+  for image in doctree.findall(nodes.image):
+    if not any(key in image for key in ('width', 'height', 'scale')):
+      image['width'] = '100%'
+
+
 def setup(app):
+  app.connect('doctree-read', _full_size_links)
   app.connect('autodoc-process-signature', _shorten)
   app.connect('missing-reference', _link_aliases)

@@ -169,3 +169,27 @@ def test_every_public_name_and_argument_is_on_the_api_page(site):
       if star + parameter.name not in described:
         missing.append(f'{name}: {star}{parameter.name} not described')
   assert not missing, '\n'.join(missing)
+
+
+def test_every_figure_links_to_its_full_size(site):
+  unlinked = []
+  for path, soup in pages(site).items():
+    for image in soup.select('article img'):
+      if image.get('src', '').startswith('_static/'):
+        continue  # the theme's icons (the module index's toggles)
+      link = image.find_parent('a')
+      if link is None or link.get('href') != image.get('src'):
+        unlinked.append(f"{path.name}: {image.get('src')}")
+  assert not unlinked, '\n'.join(unlinked)
+
+
+def test_the_benchmarks_page_opens_with_the_results_and_links_each_one(site):
+  soup = pages(site)[site / 'benchmarks.html']
+  first = soup.find('article').find('section').find('section')
+  assert first.find('h2').get_text().startswith('Results at a glance')
+  linked = {a['href'].split('#')[0] for a in first.find_all('a', href=True)}
+  for page in ('benchmarks_step_cost', 'benchmarks_size_sweep',
+               'benchmarks_accuracy', 'benchmarks_label_noise',
+               'benchmarks_accelerator'):
+    assert f'{page}.html' in linked, linked
+    assert (site / f'{page}.html').is_file()

@@ -46,7 +46,7 @@ napoleon_attr_annotations = False  # the docstrings say the types in words
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'signature'
 autodoc_preserve_defaults = True
-autodoc_default_options = {'show-inheritance': False}
+autodoc_default_options: dict[str, object] = {}  # no 'Bases: object' lines
 autosummary_generate = False
 # Type aliases print as their short names (``Seed``), linked to their entries.
 python_use_unqualified_type_names = True

@@ -11,11 +11,14 @@ from a first timed step, so that every size gets about ``--seconds`` of timed
 rounds. Run from the repository root:
 
   python -m benchmarks.scaling          # 4 MLPs and 3 CNNs, about 10 minutes
+  python -m benchmarks.scaling --from-json benchmarks/results/scaling.json
+                                        # the table and plot again, no timing
 
 Writes ``scaling.json`` and ``scaling.png`` to ``--out``.
 """
 
 import argparse
+import json
 import math
 import os
 import time
@@ -156,29 +159,49 @@ def markdown(sizes: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def plot(sizes: list[dict[str, Any]], path: str) -> None:
+# Host and cond points of one size are drawn this factor apart on the
+# (logarithmic) parameter axis, so that neither's interval covers the other's
+# marker.
+DODGE = 1.2
+
+
+def plot(sizes: list[dict[str, Any]], path: str, backend: str | None = None
+         ) -> None:
   """Ratio to the mixture against parameters (left), p = 0 overhead (right).
 
   Left: the median over rounds with its 95% interval, and (crosses) the
   ratio over all timed steps together, which is the one to read where a
   window is a single step of a branch whose cost is far from the other's.
+  Host dispatch (solid, filled) sits a little left of each size and ``cond``
+  (dashed, open) a little right, so each interval is drawn on its own
+  marker. ``backend`` names the machine in the title (default: this one's).
   """
+  backend = backend or jax.default_backend()
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
   for family, color in (('mlp', 'C0'), ('cnn', 'C1')):
     ours = sorted((s for s in sizes if s['family'] == family),
                   key=lambda s: s['parameters'])
     if not ours:
       continue
-    n = [s['parameters'] for s in ours]
-    for mode, style in (('host', '-s'), ('cond', '--o')):
+    n = np.array([s['parameters'] for s in ours], float)
+    for mode, style, shift in (('host', '-s', 1 / DODGE),
+                               ('cond', '--o', DODGE)):
+      x = n * shift
       y = [s[f'{mode}_to_mixture'] for s in ours]
       err = np.abs(np.array([s[f'{mode}_to_mixture_ci95'] for s in ours]).T
                    - y)
-      left.errorbar(n, y, yerr=err, fmt=style, color=color, capsize=3,
-                    label=f'{family}, {mode} (median)')
-      left.plot(n, [s[f'{mode}_to_mixture_pooled'] for s in ours], 'x',
+      bars = left.errorbar(
+          x, y, yerr=err, fmt=style, color=color, capsize=3,
+          mfc=color if mode == 'host' else 'white',
+          zorder=3 if mode == 'host' else 2,
+          alpha=1.0 if mode == 'host' else 0.8,
+          label=f'{family}, {mode} (median, 95% CI)')
+      if mode == 'cond':
+        for line in bars[2]:
+          line.set_linestyle('--')
+      left.plot(x, [s[f'{mode}_to_mixture_pooled'] for s in ours], 'x',
                 color=color, ms=7 if mode == 'cond' else 4,
-                label=f'{family}, {mode}: all steps')
+                zorder=4, label=f'{family}, {mode}: all steps')
     y = [s['p0_overhead'] for s in ours]
     err = np.abs(np.array([s['p0_overhead_ci95'] for s in ours]).T - y)
     right.errorbar(n, y, yerr=err, fmt='-o', color=color, capsize=3,
@@ -189,8 +212,7 @@ def plot(sizes: list[dict[str, Any]], path: str) -> None:
   left.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
   left.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   left.set_ylabel(f'step time / ideal mixture at p = {P:g}')
-  left.set_title('RST step cost against model size '
-                 f'({jax.default_backend().upper()})')
+  left.set_title(f'RST step cost against model size ({backend.upper()})')
   right.set_ylabel('rst at p = 0 / base optimizer')
   right.set_title('overhead of the transformation')
   for ax in (left, right):
@@ -202,6 +224,20 @@ def plot(sizes: list[dict[str, Any]], path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def replot(json_path: str, out: str) -> dict[str, Any]:
+  """The table, goals and plot again from a saved report; no timing."""
+  with open(json_path) as f:
+    report = json.load(f)
+  print(markdown(report['sizes']))
+  for check in report['goals']:
+    print(f"  [{'met' if check['met'] else 'MISSED'}] {check['goal']}: "
+          f"{check['measured']}")
+  os.makedirs(out, exist_ok=True)
+  plot(report['sizes'], os.path.join(out, 'scaling.png'),
+       backend=report['machine'].get('backend'))
+  return report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -219,6 +255,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--max-rounds', type=int, default=200)
   parser.add_argument('--max-steps', type=int, default=20,
                       help='most steps per configuration per round')
+  parser.add_argument('--from-json', metavar='PATH',
+                      help='no timing: print the table and draw the plot '
+                      'again from a saved scaling.json, into --out')
   step_cost.add_timing_flags(parser)
   args = parser.parse_args(argv)
   if not args.mlp_widths + args.cnn_widths or min(
@@ -233,6 +272,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.from_json:
+    return replot(args.from_json, args.out)
   start = time.perf_counter()
   info = step_cost.machine_at_start()
   rng = np.random.default_rng(args.seed)

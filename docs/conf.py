@@ -1,6 +1,8 @@
 """Sphinx configuration for the rst_optax documentation (`make docs`).
 
-The build is offline (no intersphinx) and runs with warnings as errors.
+The build is offline (no intersphinx) and runs with warnings as errors; the
+site it makes loads nothing from outside (MathJax ships with it, from the
+sphinx-mathjax-offline package), which tests/test_docs_site.py checks.
 """
 
 import os
@@ -22,6 +24,9 @@ extensions = [
     'sphinx.ext.autosummary',
     'sphinx.ext.napoleon',
     'sphinx.ext.mathjax',
+    'sphinx-mathjax-offline',  # MathJax 3 in _static/mathjax, no CDN
+    'sphinx.ext.viewcode',  # [source] links
+    'sphinx_copybutton',
 ]
 
 source_suffix = {'.md': 'markdown'}
@@ -41,8 +46,15 @@ napoleon_attr_annotations = False  # the docstrings say the types in words
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'signature'
 autodoc_preserve_defaults = True
-autodoc_default_options = {'show-inheritance': False}
+autodoc_default_options: dict[str, object] = {}  # no 'Bases: object' lines
 autosummary_generate = False
+# Type aliases print as their short names (``Seed``), linked to their entries.
+python_use_unqualified_type_names = True
+
+# Copy buttons leave out the prompts of the docstrings' examples.
+copybutton_prompt_text = r'>>> |\.\.\. '
+copybutton_prompt_is_regexp = True
+copybutton_only_copy_prompt_lines = False
 
 html_theme = 'furo'
 html_title = f'rst_optax {release}'
@@ -51,37 +63,60 @@ html_static_path = []
 
 # Type aliases are plain unions at run time, so autodoc would print them
 # expanded (a schedule is a long Callable[[...], ...]); print their names.
-def _alias_names():
-  import optax
+# Ours (rst_optax.ScalarOrSchedule, ...) are documented on the API page and
+# come first, so that they win over Optax's names for the same union.
+OUR_ALIASES = ('ScalarOrSchedule', 'Seed', 'GradFn')
+# Short unions that other annotations share (Flax's ``step: int | Array`` is
+# no seed; Optax's one pytree alias serves params, updates and states): these
+# are named only as the annotation of the parameters listed.
+_BY_PARAMETER = {
+    'seed': 'rst_optax.Seed',
+    'opt_state': 'optax.OptState', 'base_state': 'optax.OptState',
+    'grads': 'optax.Updates', 'updates': 'optax.Updates',
+}
+
+
+def _texts(value):
+  """The ways autodoc may print the annotation ``value``."""
   from sphinx.util import typing as sphinx_typing
 
-  from rst_optax import _types
+  return {sphinx_typing.stringify_annotation(value, mode)
+          for mode in ('smart', 'fully-qualified-except-typing')}
 
-  aliases = {
-      f'optax.{name}': getattr(optax, name)
-      for name in ('Schedule', 'ScalarOrSchedule', 'Params')
-  }
+
+def _value(name):
+  import optax
+
+  import rst_optax
+
+  module, attribute = name.split('.')
+  return getattr({'optax': optax, 'rst_optax': rst_optax}[module], attribute)
+
+
+def _alias_names():
+  aliases = [f'rst_optax.{name}' for name in OUR_ALIASES if name != 'Seed']
+  aliases += ['optax.Schedule', 'optax.ScalarOrSchedule', 'optax.Params']
+  values = {name: _value(name) for name in aliases}
   try:
     from flax.nnx import filterlib
-    aliases['nnx.filterlib.Filter'] = filterlib.Filter
+    values['nnx.filterlib.Filter'] = filterlib.Filter
   except ImportError:
     pass
-  aliases.update(
-      {name: value for name, value in vars(_types).items()
-       if name[0].isupper() and not isinstance(value, int)})
   names = {}
-  for name, value in aliases.items():
-    for mode in ('smart', 'fully-qualified-except-typing'):
-      text = sphinx_typing.stringify_annotation(value, mode)
+  for name, value in values.items():
+    for text in _texts(value):
       if text not in ('Any', '~typing.Any') and len(text) > len(name):
         names.setdefault(text, name)
   return sorted(names.items(), key=lambda item: -len(item[0]))
 
 
 def _shorten(app, what, name, obj, options, signature, return_annotation):
-  del app, what, obj, options
-  if name.startswith('rst_optax.flax_utils.TrainState'):
-    return signature, return_annotation  # Flax's own annotations, as they are
+  del app, what, name, obj, options
+  for parameter, (alias, texts) in _PARAMETER_ALIASES.items():
+    for long in texts:
+      if signature:
+        signature = signature.replace(f'{parameter}: {long}',
+                                      f'{parameter}: {alias}')
   for long, short in _ALIASES:
     if signature:
       signature = signature.replace(long, short)
@@ -90,8 +125,41 @@ def _shorten(app, what, name, obj, options, signature, return_annotation):
   return signature, return_annotation
 
 
+def _link_aliases(app, env, node, contnode):
+  """Links a type alias in a signature to its ``py:type`` entry.
+
+  Annotations are class references, which Sphinx does not resolve to a
+  ``py:type`` entry by itself.
+  """
+  target = node.get('reftarget', '')
+  if node.get('refdomain') != 'py' or target.removeprefix(
+      'rst_optax.') not in OUR_ALIASES:
+    return None
+  return env.domains['py'].resolve_xref(
+      env, node['refdoc'], app.builder, 'type', target, node, contnode)
+
+
 _ALIASES = _alias_names()
+_PARAMETER_ALIASES = {parameter: (alias, _texts(_value(alias)))
+                      for parameter, alias in _BY_PARAMETER.items()}
+
+
+def _full_size_links(app, doctree):
+  """Fits every figure to the page width and links it to its full size.
+
+  Sphinx links an image to its file when a width is set
+  (``html_scaled_image_link``); the Markdown images of the included pages
+  have none, so they get the page width here.
+  """
+  del app
+  from docutils import nodes
+
+  for image in doctree.findall(nodes.image):
+    if not any(key in image for key in ('width', 'height', 'scale')):
+      image['width'] = '100%'
 
 
 def setup(app):
+  app.connect('doctree-read', _full_size_links)
   app.connect('autodoc-process-signature', _shorten)
+  app.connect('missing-reference', _link_aliases)

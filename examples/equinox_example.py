@@ -1,6 +1,6 @@
 """RST with an Equinox model: a small MLP with BatchNorm, on synthetic data.
 
-Run from the repository root (``pip install "rst_optax[equinox]"`` first):
+Run from the repository root (``pip install ".[equinox]"`` first):
 
     python -m examples.equinox_example --steps 300
 

@@ -36,8 +36,11 @@ def main(steps=300, batch_size=64):
   y = jnp.argmax(logits_fn(init_mlp(key_teacher), x), axis=-1)  # a teacher net
 
   params = init_mlp(key_model)
-  tx = rst_optax.rst(optax.sgd(0.1, momentum=0.9), schedule=0.5, rho=0.05,
-                     lam=2.0, seed=0)  # G-RST, lam = 1 / mean p
+  # The quick start's configuration (docs/getting_started.md): a SAM step
+  # every other step with lam = 1 / mean p = 2, at 0.75x SAM's passes.
+  tx = rst_optax.rst(optax.sgd(0.1, momentum=0.9),
+                     schedule=rst_optax.schedules.periodic(2), rho=0.05,
+                     lam=2.0)
   opt_state = tx.init(params)
 
   @jax.jit

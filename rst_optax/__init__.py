@@ -5,13 +5,17 @@ from rst_optax._coin import coin
 from rst_optax._decisions import decisions, iter_decisions
 from rst_optax._dispatch import HostDispatch, recommended_dispatch
 from rst_optax._rst import RSTReuseState, RSTState, rst
+from rst_optax._types import GradFn, ScalarOrSchedule, Seed
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
+    'GradFn',
     'HostDispatch',
     'RSTReuseState',
     'RSTState',
+    'ScalarOrSchedule',
+    'Seed',
     'coin',
     'decisions',
     'iter_decisions',

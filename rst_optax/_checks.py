@@ -6,6 +6,7 @@ what is allowed. Values that cannot be inspected when the function runs
 ``jax.jit``) pass unchecked.
 """
 
+import inspect
 import math
 import operator
 from numbers import Real
@@ -435,6 +436,34 @@ def axis_name_bound(fn: str, axis_name: str) -> None:
         'jax.pmap over that axis (or jax.vmap(..., axis_name=...)). Under '
         'jax.jit with shardings, gradients are already global: leave '
         '`axis_name` as None.') from None
+
+
+def grad_fn_arity(fn: str, grad_fn: Any) -> None:
+  """Checks that ``grad_fn`` can be called as ``grad_fn(params)``.
+
+  Reads the signature (``inspect.signature``, which sees through
+  ``functools.partial``, bound methods and ``functools.wraps``); a callable
+  without a readable signature passes unchecked. ``optax.contrib.sam``'s
+  opaque mode calls ``grad_fn(params, i)``, so a function ported from there
+  needs two arguments; the message shows the one-argument form.
+
+  Raises:
+    TypeError: if one positional argument cannot be bound to ``grad_fn``'s
+      parameters (it needs more, none, or a keyword-only one).
+  """
+  try:
+    signature = inspect.signature(grad_fn)
+  except (TypeError, ValueError):  # a builtin or an extension type: trust it
+    return
+  try:
+    signature.bind(None)
+  except TypeError:
+    raise TypeError(
+        f'{fn}: `grad_fn` must take one positional argument, the parameters '
+        '(grad_fn(params) -> grads, on the same batch); its signature is '
+        f'{signature}. optax.contrib.sam\'s opaque mode passes a second '
+        f'argument; {fn} does not. Close over the batch instead, e.g. '
+        'grad_fn=lambda p: jax.grad(loss_fn)(p, batch).') from None
 
 
 def step(fn: str, name: str, value: Any, minimum: int = 0) -> int:

@@ -133,7 +133,12 @@ def decisions(
     when step ``start + i`` is a SAM step.
 
   Raises:
-    ValueError: if the schedule is NaN at one of the steps (the
+    TypeError: if ``schedule`` is neither a number nor a callable that
+      returns a real scalar, ``seed`` is neither an int nor a PRNG key, or
+      ``start`` or ``stop`` is not an int.
+    ValueError: if ``schedule`` is a number outside [0, 1], an int ``seed``
+      is outside int64, ``start < 0``, ``stop < start`` or
+      ``stop > 2**31 - 1``, or the schedule is NaN at one of the steps (the
       transformation takes no SAM step there; here it is an error).
 
   Example:
@@ -213,6 +218,11 @@ def iter_decisions(
     yields the items before ``t`` and raises a ValueError at item ``t``
     itself (at each ``next`` from then on), though p(t) is computed a chunk
     at a time.
+
+  Raises:
+    TypeError: as :func:`decisions` does, and if ``chunk_size`` is not an int.
+    ValueError: as :func:`decisions` does, if ``start`` is outside
+      [0, 2**31 - 1], or ``chunk_size < 1``.
 
   Example:
     >>> import itertools, rst_optax

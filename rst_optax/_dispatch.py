@@ -187,6 +187,45 @@ class HostDispatch:
   ``train_step`` runs (the decisions are computed a chunk at a time, but
   checked step by step); :attr:`step` stays at that step.
 
+  Args:
+    train_step: ``train_step(*args, take_sam, **kwargs)``; ``take_sam`` is
+      passed by keyword, as a Python bool. It returns (or, with NNX,
+      updates in place) the optimizer state holding ``tx``'s
+      :class:`RSTState`, which the periodic step check reads.
+    tx: the transformation returned by :func:`rst_optax.rst`, whose
+      ``update`` ``train_step`` calls; its schedule and seed decide the
+      branches (see the second warning above for what is checked).
+    start: the first step; ``int(opt_state.count)`` to resume a run.
+    chunk_size: decisions computed at a time (see
+      :func:`rst_optax.iter_decisions`).
+    take_sam_argname: the name of ``train_step``'s decision argument.
+    check_every: compare ``rst``'s step count with the host's every this
+      many calls (see the first warning above); ``0`` or ``None`` turns the
+      check off.
+    jit: the function that jits ``train_step``: ``jax.jit``, or for example
+      ``flax.nnx.jit`` when ``train_step`` takes NNX objects. It must accept
+      ``static_argnames``, except ``equinox.filter_jit``, which holds the
+      Python bool ``take_sam`` static by itself.
+    **jit_kwargs: passed to ``jit`` (``donate_argnums``, other
+      ``static_argnames``, shardings, ...).
+
+  Raises:
+    TypeError: when built, if ``train_step`` is not callable or does not
+      take ``take_sam_argname`` as a keyword argument, ``tx`` is not the
+      transformation returned by :func:`rst_optax.rst` (a wrapper around it
+      is refused too), ``jit`` is not callable, ``take_sam_argname`` is not a
+      parameter name, or ``start``, ``chunk_size`` or ``check_every`` is not
+      an int. When called, if ``take_sam`` is passed, or the periodic check
+      finds no :class:`RSTState` in ``train_step``'s output or arguments.
+    ValueError: when built, if ``start`` is outside [0, 2**31 - 1],
+      ``chunk_size < 1``, ``check_every < 0``, ``tx``'s schedule is not a
+      valid probability, or ``train_step`` refers by name to an ``rst`` whose
+      coin differs from ``tx``'s (see the second warning above). When
+      called, if an argument is (or holds as ``.tx``) such an ``rst``, or
+      the schedule is NaN at the step.
+    RuntimeError: when called, if ``rst``'s step count drifted from the
+      host's (see the warning above), or past the int32 step limit.
+
   Attributes:
     step: the step the next call runs (``start`` plus the calls so far).
     sam_steps: the SAM steps taken through this object.
@@ -224,37 +263,7 @@ class HostDispatch:
       jit: Callable[..., Callable[..., Any]] = jax.jit,
       **jit_kwargs: Any,
   ):
-    """Wraps ``train_step``.
-
-    Args:
-      train_step: ``train_step(*args, take_sam, **kwargs)``; ``take_sam`` is
-        passed by keyword, as a Python bool. It returns (or, with NNX,
-        updates in place) the optimizer state holding ``tx``'s
-        :class:`RSTState`, which the periodic step check reads.
-      tx: the transformation returned by :func:`rst_optax.rst`, whose
-        ``update`` ``train_step`` calls; its schedule and seed decide the
-        branches (see the second warning above for what is checked).
-      start: the first step; ``int(opt_state.count)`` to resume a run.
-      chunk_size: decisions computed at a time (see
-        :func:`rst_optax.iter_decisions`).
-      take_sam_argname: the name of ``train_step``'s decision argument.
-      check_every: compare ``rst``'s step count with the host's every this
-        many calls (see the first warning above); ``0`` or ``None`` turns the
-        check off.
-      jit: the function that jits ``train_step``: ``jax.jit``, or for example
-        ``flax.nnx.jit`` when ``train_step`` takes NNX objects. It must accept
-        ``static_argnames``, except ``equinox.filter_jit``, which holds the
-        Python bool ``take_sam`` static by itself.
-      **jit_kwargs: passed to ``jit`` (``donate_argnums``, other
-        ``static_argnames``, shardings, ...).
-
-    Raises:
-      TypeError: if ``tx`` is not an ``rst`` transformation, or
-        ``train_step`` does not take ``take_sam_argname`` by keyword.
-      ValueError: if ``train_step`` refers by name to an ``rst`` whose
-        schedule or seed differs from ``tx``'s (see the second warning
-        above), or an argument is out of range.
-    """
+    """Wraps ``train_step``; the arguments are described on the class."""
     if not callable(train_step):
       raise TypeError(
           f'HostDispatch: `train_step` must be callable; got {train_step!r}.')

@@ -194,6 +194,7 @@ def _check_update_args(updates, params, grad_fn, take_sam, args) -> None:
     )
   if not callable(grad_fn):
     raise TypeError(f'rst: `grad_fn` must be callable; got {grad_fn!r}.')
+  _checks.grad_fn_arity('rst', grad_fn)
   _checks.not_masked('rst', 'params', params, _SUPPORTED_SUBSET)
   _checks.not_masked('rst', 'updates', updates, _SUPPORTED_SUBSET)
   _checks.same_structure('rst', 'updates', updates, 'params', params)
@@ -393,6 +394,32 @@ def rst(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`
     (:class:`RSTReuseState` with ``reuse``).
+
+  Raises:
+    TypeError: when built, if ``base_tx`` is not an Optax transformation, a
+      number argument is not a real number (bools and strings are not; a
+      callable is allowed for ``schedule``, ``rho`` and ``lam``), ``seed`` is
+      neither an int nor a PRNG key, ``adaptive`` is not a bool or
+      ``axis_name`` not a str. In ``init``, if a leaf of the parameters is
+      complex, an integer or a PRNG key, or ``base_tx`` is a differentially
+      private aggregation (it needs per-example gradients). When ``update``
+      is traced, if ``grad_fn`` is not a callable of one positional argument
+      or is passed positionally, ``take_sam`` is not a bool, a schedule
+      returns a non-scalar, a leaf of ``params``, ``updates`` or
+      ``grad_fn``'s output is complex or an integer, or ``state`` was made by
+      an ``rst`` with (without) ``reuse`` for one without (with) it.
+    ValueError: when built, if a number is out of range or not finite
+      (``schedule`` outside [0, 1], a negative ``rho`` or ``eta``, ``eps``
+      below float32's smallest normal number, an int ``seed`` outside
+      int64, a negative ``reuse``), or ``perturbation`` is not ``'global'``
+      or ``'local'`` (or ``'local'`` without ``axis_name``). In ``init``, if
+      ``mask`` does not fit the parameters, is one bool for several leaves,
+      or selects no leaf while a SAM step can be taken (a ``mask`` that is
+      not bools: TypeError). When ``update`` is traced, if ``params`` or
+      ``grad_fn`` is missing, ``updates`` or ``grad_fn``'s output do not
+      match ``params`` in structure and shapes, ``axis_name`` is not bound
+      by ``shard_map``, ``pmap`` or ``vmap``, or ``rst`` was put inside
+      ``optax.masked`` or ``optax.multi_transform``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, rst_optax

@@ -1,7 +1,7 @@
 """Equinox integration of :func:`rst_optax.rst`: the ``grad_fn`` of a model.
 
 This module imports Equinox, so the core package does not import it; use
-``from rst_optax import equinox_utils`` (``pip install "rst_optax[equinox]"``).
+``from rst_optax import equinox_utils`` (``pip install ".[equinox]"`` from a clone).
 
 An Equinox model is a pytree that holds its arrays and everything else
 (activation functions, static fields). ``eqx.partition(model,

@@ -207,6 +207,11 @@ class TrainState(train_state.TrainState):
   others (``grad_fn``, ``take_sam``, ...) go to ``tx.update``.
 
   Attributes:
+    step: the number of ``apply_gradients`` calls so far (Flax's field).
+    apply_fn: the model's apply function, usually ``model.apply`` (Flax's).
+    params: the parameters (Flax's field).
+    tx: the optimizer, e.g. :func:`rst_optax.rst` (Flax's field).
+    opt_state: the state of ``tx`` (Flax's field).
     batch_stats: the Linen ``batch_stats`` collection, or ``None``.
 
   Example:

@@ -40,6 +40,11 @@ def constant(p: float) -> optax.Schedule:
   Returns:
     An ``optax.Schedule``.
 
+  Raises:
+    TypeError: if ``p`` is not a real number (a bool or a string is
+      not).
+    ValueError: if it is outside [0, 1] or not finite.
+
   Example:
     >>> from rst_optax import schedules
     >>> float(schedules.constant(0.3)(10))
@@ -62,6 +67,12 @@ def piecewise(p_before: float, p_after: float, boundary: int) -> optax.Schedule:
 
   Returns:
     An ``optax.Schedule``.
+
+  Raises:
+    TypeError: if ``p_before`` or ``p_after`` is not a real number, or
+      ``boundary`` not an int.
+    ValueError: if a probability is outside [0, 1], or ``boundary`` outside
+      [0, 2**31 - 1] (the int32 step count).
 
   Example:
     >>> from rst_optax import schedules
@@ -95,6 +106,12 @@ def linear(p_start: float, p_end: float, total_steps: int) -> optax.Schedule:
   Returns:
     An ``optax.Schedule``.
 
+  Raises:
+    TypeError: if ``p_start`` or ``p_end`` is not a real number, or
+      ``total_steps`` not an int.
+    ValueError: if a probability is outside [0, 1], or ``total_steps``
+      outside [1, 2**31 - 1] (the int32 step count).
+
   Example:
     >>> from rst_optax import schedules
     >>> float(schedules.linear(0.0, 1.0, total_steps=10)(5))
@@ -126,6 +143,12 @@ def trigonometric(
 
   Returns:
     An ``optax.Schedule``.
+
+  Raises:
+    TypeError: if ``p_start`` or ``p_end`` is not a real number, or
+      ``total_steps`` not an int.
+    ValueError: if a probability is outside [0, 1], or ``total_steps``
+      outside [1, 2**31 - 1] (the int32 step count).
 
   Example:
     >>> from rst_optax import schedules
@@ -161,6 +184,10 @@ def periodic(every: int) -> optax.Schedule:
 
   Returns:
     An ``optax.Schedule``.
+
+  Raises:
+    TypeError: if ``every`` is not an int (a bool is not).
+    ValueError: if it is outside [1, 2**31 - 1] (the int32 step count).
 
   Example:
     >>> from rst_optax import schedules

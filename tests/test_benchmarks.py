@@ -86,6 +86,14 @@ def test_scaling_sweeps_the_sizes_and_writes_json_and_plot(tmp_path, capsys):
   assert (tmp_path / 'scaling.png').read_bytes()[:8] == PNG
   assert '| mlp width 8 | 490 |' in capsys.readouterr().out
 
+  # The plot and table again from the saved report, without timing anything.
+  again = scaling.main(['--from-json', str(tmp_path / 'scaling.json'),
+                        '--out', str(tmp_path / 'again')])
+  assert again['sizes'] == saved['sizes']
+  assert (tmp_path / 'again' / 'scaling.png').read_bytes()[:8] == PNG
+  assert not (tmp_path / 'again' / 'scaling.json').exists()
+  assert '| mlp width 8 | 490 |' in capsys.readouterr().out
+
 
 def test_accelerator_quick_runs_the_plumbing_on_cpu(tmp_path):
   done = subprocess.run(

@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     checkpointer.wait_until_finished()
   out = tmp / 'resumed.npz'
   proc = subprocess.run([sys.executable, str(WORKER), str(tmp), str(out)],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   with np.load(out) as resumed:
     return uninterrupted, saved, dict(resumed)

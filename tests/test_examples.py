@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rst_optax
-from examples import cifar10_resnet, mnist1d_demo
+from examples import cifar10_resnet, mnist1d_demo, toy_2d
 from rst_optax import schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,3 +102,23 @@ def test_the_periodic_schedule_flag_needs_p_of_one_over_k():
   _, schedule, lam = mnist1d_demo.make_tx('grst', args, 100, seed=0)
   assert lam == pytest.approx(5.0)
   assert [float(schedule(t)) for t in range(5)] == [0, 0, 0, 0, 1]
+
+
+def test_toy_2d_sgd_stays_sharp_while_sam_and_rst_reach_the_flat_minimum(
+    tmp_path, capsys):
+  out = tmp_path / 'toy_2d.png'
+  results = toy_2d.main(['--out', str(out)])
+  sgd, sam, rst = (results[name] for name in toy_2d.optimizers(0.1, 0.1, 0))
+  np.testing.assert_allclose(sgd['end'], toy_2d.SHARP, atol=0.05)
+  np.testing.assert_allclose(sam['end'], toy_2d.FLAT, atol=0.05)
+  np.testing.assert_allclose(rst['end'], toy_2d.FLAT, atol=0.05)
+  # The pit's curvature is 50, the basin's largest 1.5.
+  assert sgd['top_hessian_eigenvalue'] > 40
+  assert sam['top_hessian_eigenvalue'] < 2 and rst['top_hessian_eigenvalue'] < 2
+  steps = 1500
+  assert sgd['gradient_evaluations'] == steps
+  assert sam['gradient_evaluations'] == 2 * steps
+  sam_steps = int(rst_optax.decisions(0.5, 0, 0, steps).sum())
+  assert rst['gradient_evaluations'] == steps + sam_steps
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert 'ends at' in capsys.readouterr().out

@@ -91,7 +91,7 @@ def test_reuse_zero_is_the_plain_transformation(problem):
     tx = rst_optax.rst(optax.sgd(LR), 0.5, RHO, reuse=reuse)
     state = tx.init(params)
     assert type(state) is rst_optax.RSTState
-    jaxpr = jax.make_jaxpr(lambda s: tx.update(
+    jaxpr = jax.make_jaxpr(lambda s, tx=tx: tx.update(
         jax.grad(loss_fn)(params), s, params, grad_fn=jax.grad(loss_fn)))(
             state)
     conds = [e for e in jaxpr.eqns if e.primitive.name == 'cond']

@@ -23,43 +23,41 @@ PNG = b'\x89PNG\r\n\x1a\n'
 
 
 def test_step_cost_rows_counts_and_compile_table(tmp_path, capsys):
+  # Reuse with cond only, to keep compilation short: the accelerator's
+  # --quick run covers host dispatch with reuse.
   report = step_cost.main([
       '--models', 'mlp', '--probs', '0.5', '--reuse-probs', '0.5',
-      '--rounds', '2', '--steps', '3', '--warmup', '1', '--compile-repeats',
-      '1', '--out', str(tmp_path)])
+      '--reuse-modes', 'cond', '--rounds', '2', '--steps', '3', '--warmup',
+      '1', '--compile-repeats', '1', '--out', str(tmp_path)])
 
   (result,) = report['results']
   rows = {r['config']: r for r in result['rows']}
   assert list(rows) == ['base', 'sam opaque', 'rst p=0', 'rst p=1',
-                        'cond p=0.5', 'host p=0.5', 'cond p=0.5 reuse',
-                        'host p=0.5 reuse']
+                        'cond p=0.5', 'host p=0.5', 'cond p=0.5 reuse']
   # The timed windows: steps 1 + 3 (first step, warm-up) to 1 + 3 * 3.
   planned = rst_optax.decisions(0.5, step_cost.SEED, 0, 10)
   assert rows['host p=0.5']['sam_fraction'] == planned[4:].mean()
   assert rows['cond p=0.5']['sam_fraction'] == planned[4:].mean()
   assert rows['rst p=1']['sam_fraction'] == 1 and rows['base']['sam_fraction'] == 0
-  for mode in ('cond', 'host'):
-    reuse = rows[f'{mode} p=0.5 reuse']
-    assert reuse['sam_fraction'] == planned[4:].mean()
-    assert reuse['without_reuse'] == f'{mode} p=0.5' and reuse['reuse'] == 0.7
-    assert rows[f'{mode} p=0.5']['without_reuse'] is None
-    # Two rounds: the median time is the mean, so all steps together give
-    # the ratio of the two medians.
-    assert reuse['pooled_ratio_to_without_reuse'] == pytest.approx(
-        reuse['ms_per_step'] / reuse['without_reuse_ms_per_step'])
-    low, high = reuse['ratio_to_without_reuse_ci95']
-    assert low <= reuse['ratio_to_without_reuse'] <= high
-  reused = ('host p=0.5', 'host p=0.5 reuse')
-  assert all(rows[name]['compilations'] == len(set(planned.tolist())) == 2
-             for name in reused)
+  reuse = rows['cond p=0.5 reuse']
+  assert reuse['sam_fraction'] == planned[4:].mean()
+  assert reuse['without_reuse'] == 'cond p=0.5' and reuse['reuse'] == 0.7
+  assert rows['cond p=0.5']['without_reuse'] is None
+  # Two rounds: the median time is the mean, so all steps together give the
+  # ratio of the two medians.
+  assert reuse['pooled_ratio_to_without_reuse'] == pytest.approx(
+      reuse['ms_per_step'] / reuse['without_reuse_ms_per_step'])
+  low, high = reuse['ratio_to_without_reuse_ci95']
+  assert low <= reuse['ratio_to_without_reuse'] <= high
+  assert rows['host p=0.5']['compilations'] == len(set(planned.tolist())) == 2
   assert all(rows[name]['compilations'] == 1 for name in rows
-             if name not in reused)
+             if name != 'host p=0.5')
   assert all(r['steps_timed'] == 6 for r in rows.values())
 
   compiled = {r['config']: r for r in result['compile']}
   assert list(compiled) == ['base', 'sam opaque', 'cond p=0.5', 'host p=0.5',
-                            'cond p=0.5 reuse', 'host p=0.5 reuse']
-  assert [r['executables'] for r in compiled.values()] == [1, 1, 1, 2, 1, 2]
+                            'cond p=0.5 reuse']
+  assert [r['executables'] for r in compiled.values()] == [1, 1, 1, 2, 1]
   n_params = result['parameters']
   assert n_params == 40 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
   for r in compiled.values():
@@ -68,11 +66,10 @@ def test_step_cost_rows_counts_and_compile_table(tmp_path, capsys):
     assert r['memory_bytes']['argument'] >= 4 * n_params
   # Reuse: the arguments hold one float32 parameter-sized buffer more (the
   # state), and so does the state itself.
-  for mode in ('cond', 'host'):
-    extra = compiled[f'{mode} p=0.5 reuse']['extra_memory_bytes']
-    assert compiled[f'{mode} p=0.5 reuse']['without_reuse'] == f'{mode} p=0.5'
-    assert extra['argument'] == 4 * n_params
-    assert extra['output'] >= 4 * n_params
+  extra = compiled['cond p=0.5 reuse']['extra_memory_bytes']
+  assert compiled['cond p=0.5 reuse']['without_reuse'] == 'cond p=0.5'
+  assert extra['argument'] == 4 * n_params
+  assert extra['output'] >= 4 * n_params
   assert compiled['cond p=0.5']['extra_memory_bytes'] is None
   state = result['reuse_state']
   assert state['parameter_bytes'] == state['extra_bytes'] == 4 * n_params
@@ -86,7 +83,7 @@ def test_step_cost_rows_counts_and_compile_table(tmp_path, capsys):
   # The reuse time goal is the CNN's; the MLP's ratio is reported only.
   assert not any('without reuse' in g for g in goals)
   out = capsys.readouterr().out
-  assert '| host p=0.5 reuse | 0.50 |' in out  # the reuse table
+  assert '| cond p=0.5 reuse | 0.50 |' in out  # the reuse table
   assert f'| optimizer state | RSTState | – | +{4 * n_params:,} (1.00x) |' in out
 
   saved = json.loads((tmp_path / 'step_cost.json').read_text())

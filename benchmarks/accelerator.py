@@ -3,8 +3,12 @@
 Runs ``benchmarks.step_cost``'s measurement on ResNet-18 (CIFAR shape, with
 BatchNorm) and the 2-D CNN at batch 128: the base optimizer, SAM, ``rst`` at
 p = 0 and 1, and ``rst`` with ``cond`` and with host dispatch at p = 0.25,
-0.5 and 0.75, each model's compile times and memory; in float32, then in
-bfloat16 (compute; parameters stay float32) where the backend runs it. No
+0.5 and 0.75; ``rst`` with ``reuse=0.7`` (LookSAM, ``--reuse``) at p = 0.2
+and 0.5 in the dispatch mode that ``rst_optax.recommended_dispatch()``
+returns, each against the same schedule without reuse (p = 0.2 is added for
+it); each model's compile times and memory, with the extra memory of reuse
+and of its optimizer state; in float32, then in bfloat16 (compute;
+parameters stay float32) where the backend runs it. No
 new model starts after ``--budget`` seconds (7 minutes), so that the run
 ends within about 8; it says which ones it skipped. It also says, from the
 data, which dispatch mode came closer to the ideal mixture on this backend,
@@ -12,7 +16,7 @@ next to what ``rst_optax.recommended_dispatch()`` returns. Run from the
 repository root:
 
   python -m benchmarks.accelerator             # on the GPU/TPU machine
-  python -m benchmarks.accelerator --quick     # the same plumbing on CPU, < 1 min
+  python -m benchmarks.accelerator --quick     # the same plumbing on CPU, 1-2 min
 
 Writes ``accelerator.json``, ``accelerator.md`` (the tables for
 ``benchmarks/README.md``) and ``accelerator.png`` to ``--out/<backend>``
@@ -41,13 +45,15 @@ from benchmarks import step_cost  # noqa: E402
 from examples.cifar10_resnet import ResNet18  # noqa: E402
 
 PROBS = (0.25, 0.5, 0.75)
+REUSE_PROBS = '0.2,0.5'  # with reuse, in the recommended dispatch mode
 # Per model: steps per round and rounds; a GPU step of these models is a few
 # milliseconds, so windows of 5 steps.
 FULL = {
     'resnet18': step_cost.MODELS['resnet18']._replace(steps=5, rounds=20),
     'cnn2d': step_cost.MODELS['cnn2d']._replace(steps=5, rounds=20),
 }
-# --quick: tiny models, p = 0.5 only, and each model in one dtype, so that
+# --quick: tiny models, p = 0.5 only (with reuse too), and each model in one
+# dtype, so that
 # CPU compiles few steps; the code path is the same.
 QUICK = {
     'resnet18': step_cost.MODELS['resnet18']._replace(
@@ -93,18 +99,23 @@ def dispatch_verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--quick', action='store_true',
-                      help='tiny models, p = 0.5, 2 rounds, batch 8, ResNet '
-                           'in float32 and the CNN in bfloat16: the plumbing '
-                           'on CPU in under a minute, not a measurement')
+                      help='tiny models, p = 0.5 (with and without reuse), 2 '
+                           'rounds, batch 8, ResNet in float32 and the CNN in '
+                           'bfloat16: the plumbing on CPU in a minute or two, '
+                           'not a measurement')
   parser.add_argument('--budget', type=float, default=420.0,
                       help='seconds after which no new model is started')
   parser.add_argument('--compile-repeats', type=int, default=1,
                       help='compilations per step for the compile table')
+  step_cost.add_reuse_flags(parser, REUSE_PROBS)
   step_cost.add_timing_flags(parser)
   args = parser.parse_args(argv)
+  step_cost.parse_reuse_probs(parser, args)
   args.probs = list(PROBS)
+  args.reuse_modes = [rst_optax.recommended_dispatch()]
   if args.quick:
     args.batch_size, args.warmup, args.probs = 8, 1, [0.5]
+    args.reuse_probs = [0.5]
   return args
 
 
@@ -127,9 +138,11 @@ def main(argv=None) -> dict[str, Any]:
         continue
       args.dtype = dtype
       results.append(step_cost.bench_model(spec, args, rng, decision_s))
-      tables += [step_cost.markdown_rows(results[-1]),
-                 step_cost.markdown_compile(results[-1])]
-      print('\n' + '\n\n'.join(tables[-2:]), flush=True)
+      new = [step_cost.markdown_rows(results[-1]),
+             step_cost.markdown_reuse(results[-1]),
+             step_cost.markdown_compile(results[-1])]
+      tables += [t for t in new if t]
+      print('\n' + '\n\n'.join(t for t in new if t), flush=True)
   checks = step_cost.goals(results)
   step_cost.print_goals(checks)
   verdict = dispatch_verdict(results)

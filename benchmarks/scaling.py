@@ -266,7 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.min_rounds < 1 or args.max_rounds < args.min_rounds or (
       args.max_steps < 1):
     parser.error('need 1 <= --min-rounds <= --max-rounds and --max-steps >= 1')
-  args.probs, args.dtype = [P], 'float32'  # what build_configs reads
+  # What build_configs reads; no reuse rows here.
+  args.probs, args.dtype = [P], 'float32'
+  args.reuse, args.reuse_probs, args.reuse_modes = 0.0, [], []
   return args
 
 

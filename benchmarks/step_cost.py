@@ -7,9 +7,14 @@ For each model, times one training step of: the base optimizer alone
 either); and
 ``rst`` at each p with the coin in the graph (``cond``: ``schedule`` given as
 ``optax.constant_schedule(p)``, so a ``cond`` is traced at every p) and with
-host dispatch (``host``: ``rst_optax.HostDispatch``). All configurations run
-interleaved, in a new random order each round, after compilation and a
-warm-up; each round times ``--steps`` steps of each and blocks on the result.
+host dispatch (``host``: ``rst_optax.HostDispatch``); and, for each dispatch
+mode of ``--reuse-modes`` (both by default) and each p of ``--reuse-probs``
+(0.2 and 0.5), ``rst`` with ``reuse=--reuse`` (LookSAM, alpha = 0.7):
+``cond p=0.2 reuse``, ``host p=0.5 reuse``, and so on. Every reuse row has its
+same schedule without reuse among the rows (added to ``--probs`` where
+missing). All configurations run interleaved, in a new random order each
+round, after compilation and a warm-up; each round times ``--steps`` steps of
+each and blocks on the result.
 
 Ratios are taken within a round and their medians over rounds reported:
 ``/mixture`` is to the ideal mixture ``(1 - f) T_base + f T_sam``, with ``f``
@@ -17,15 +22,21 @@ the fraction of SAM steps actually taken in the window, ``T_base`` the base
 step and ``T_sam`` the ``rst p=1`` step; ``/mix+dec`` adds to host rows the
 cost of computing their decisions (``rst_optax.decisions``, 4096 steps at a
 time), amortized per step; ``/base`` and ``/SAM`` are to the base step and to
-``sam opaque``.
+``sam opaque``. A reuse row and its same schedule without reuse take the same
+branches in every window (the same coin), so ``/without reuse``, their ratio
+within a round, is the cost of reuse alone: the reductions and the
+parameter-sized update of each step.
 
 It also measures, per model, the time to compile (trace and lower, then
 compile) the base step, SAM, ``rst`` with ``cond`` and host dispatch's two
 executables, and the memory XLA plans for each (``memory_analysis()`` of the
-compiled step: temporary, argument and output bytes). Run from the
+compiled step: temporary, argument and output bytes); for the reuse steps at
+the same p, also the bytes each plans beyond the same step without reuse, and
+the bytes the optimizer state holds beyond it (``RSTReuseState`` against
+``RSTState``): one parameter-sized buffer is the target. Run from the
 repository root:
 
-  python -m benchmarks.step_cost          # MLP and 1-D CNN, about 2 minutes
+  python -m benchmarks.step_cost          # MLP and 1-D CNN, about 3 minutes
   python -m benchmarks.step_cost --models cnn2d,resnet18 --rounds 5
 
 Writes ``step_cost.json`` and ``step_cost.png`` to ``--out``.
@@ -62,6 +73,12 @@ GOAL_ENDS = 1.03
 # times SAM's time and plans no more temporary memory than SAM; host
 # dispatch's two executables compile in at most base + SAM.
 GOAL_COMPILE = 1.1
+# ... and for reuse (LookSAM): on the conv nets, at most GOAL_REUSE times the
+# step time of the same schedule and dispatch without reuse, at every p (the
+# MLP's sub-millisecond step is reported, not held to it); and exactly one
+# parameter-sized buffer more in the optimizer state.
+GOAL_REUSE = 1.03
+GOAL_REUSE_MODELS = ('cnn', 'cnn2d', 'resnet18')
 MEMORY_FIELDS = ('temp', 'argument', 'output', 'alias', 'generated_code')
 
 
@@ -181,10 +198,16 @@ def make_step(loss_fn, tx, kind: str) -> Callable[..., Any]:
 
 
 class Config:
-  """One timed configuration: a jitted step, its state and its decisions."""
+  """One timed configuration: a jitted step, its state and its decisions.
 
-  def __init__(self, name, mode, p, tx, step, init, taken):
+  ``reuse`` is rst's ``reuse`` (0: none); ``reference`` the name of the same
+  schedule and dispatch mode without reuse (None for the other rows).
+  """
+
+  def __init__(self, name, mode, p, tx, step, init, taken, reuse=0.0,
+               reference=None):
     self.name, self.mode, self.p = name, mode, p
+    self.reuse, self.reference = reuse, reference
     self.step = step  # The plain train step, for the compile measurements.
     self.taken = taken  # The branch of every step, known on the host.
     params, stats = init
@@ -250,14 +273,26 @@ def build_configs(spec: ModelSpec, args: argparse.Namespace):
     tx = rst_optax.rst(base, p, rho=RHO, seed=SEED)  # No cond is traced.
     configs.append(Config(f'rst p={p:g}', 'const', p, tx,
                           make_step(loss_fn, tx, 'rst'), init, taken))
+
+  def rst_config(mode, p, reuse=0.0):
+    taken = rst_optax.decisions(p, SEED, 0, total)
+    # cond: a schedule (not the Python number) so a cond is traced at every p.
+    tx = rst_optax.rst(base, optax.constant_schedule(p) if mode == 'cond'
+                       else p, rho=RHO, seed=SEED, reuse=reuse)
+    name = f'{mode} p={p:g}'
+    if reuse:
+      return Config(f'{name} reuse', mode, p, tx, make_step(loss_fn, tx, 'rst'),
+                    init, taken, reuse=reuse, reference=name)
+    return Config(name, mode, p, tx, make_step(loss_fn, tx, 'rst'), init,
+                  taken)
+
   for mode in ('cond', 'host'):
-    for p in args.probs:
-      taken = rst_optax.decisions(p, SEED, 0, total)
-      # cond: a schedule (not the Python number) so a cond is traced at every p.
-      tx = rst_optax.rst(base, optax.constant_schedule(p) if mode == 'cond'
-                         else p, rho=RHO, seed=SEED)
-      configs.append(Config(f'{mode} p={p:g}', mode, p, tx,
-                            make_step(loss_fn, tx, 'rst'), init, taken))
+    probs = set(args.probs)
+    if mode in args.reuse_modes:  # Each reuse row's schedule without reuse.
+      probs |= set(args.reuse_probs)
+    configs += [rst_config(mode, p) for p in sorted(probs)]
+  configs += [rst_config(mode, p, args.reuse) for mode in args.reuse_modes
+              for p in args.reuse_probs]
   n_params = sum(v.size for v in jax.tree.leaves(init[0]))
   return configs, batch, n_params
 
@@ -279,9 +314,10 @@ def time_rounds(configs: list[Config], batch, steps: int, rounds: int,
   """Runs the interleaved rounds; returns each config's per-round ratios.
 
   Every ratio is taken within a round (against the base, ``rst p=1`` and SAM
-  windows of the same round, so under the same load).
+  windows of the same round, so under the same load); a reuse row's also
+  against its same schedule without reuse (``without_reuse``).
   """
-  keys = ('mixture', 'base', 'sam_opaque', 'mixture_s')
+  keys = ('mixture', 'base', 'sam_opaque', 'mixture_s', 'without_reuse')
   ratios = {c.name: {k: [] for k in keys} for c in configs}
   for round_ in range(warmup + rounds):
     timed = {}
@@ -300,12 +336,20 @@ def time_rounds(configs: list[Config], batch, steps: int, rounds: int,
       ratio['mixture'].append(t / mixture)
       ratio['base'].append(t / t_base)
       ratio['sam_opaque'].append(t / timed['sam opaque'][0])
+      if config.reference:
+        ratio['without_reuse'].append(t / timed[config.reference][0])
   return ratios
 
 
 def summarize(configs: list[Config], ratios, steps: int, rounds: int,
               decision_s: float, rng) -> list[dict[str, Any]]:
-  """One row per configuration: medians over the rounds, with 95% CIs."""
+  """One row per configuration: medians over the rounds, with 95% CIs.
+
+  Reuse rows also have their ratio to the same schedule without reuse
+  (``ratio_to_without_reuse``: median over rounds, with its CI; ``pooled_``:
+  all timed steps together); these fields are None on the other rows.
+  """
+  by_name = {c.name: c for c in configs}
   rows = []
   for config in configs:
     t = float(np.median(config.times))
@@ -335,8 +379,30 @@ def summarize(configs: list[Config], ratios, steps: int, rounds: int,
         'compilations': config.compilations,
         'branches_taken': len(set(config.taken[:config.count].tolist())),
         'steps_timed': steps * rounds,
+        'reuse': config.reuse,
+        'without_reuse': config.reference,
+        **reuse_ratios(config, by_name, per_round['without_reuse'], rng),
     })
   return rows
+
+
+def reuse_ratios(config: Config, by_name: dict[str, Config],
+                 per_round: list[float], rng) -> dict[str, Any]:
+  """A reuse row's ratios to its same schedule without reuse (None if it is
+  not a reuse row)."""
+  if not config.reference:
+    return dict.fromkeys(('ratio_to_without_reuse',
+                          'ratio_to_without_reuse_ci95',
+                          'pooled_ratio_to_without_reuse',
+                          'without_reuse_ms_per_step'))
+  reference = by_name[config.reference].times
+  return {
+      'ratio_to_without_reuse': float(np.median(per_round)),
+      'ratio_to_without_reuse_ci95': median_ci(per_round, rng),
+      'pooled_ratio_to_without_reuse': float(np.sum(config.times)
+                                             / np.sum(reference)),
+      'without_reuse_ms_per_step': 1e3 * float(np.median(reference)),
+  }
 
 
 def compile_cost(step: Callable[..., Any], args, take_sam=None):
@@ -366,14 +432,23 @@ def compile_table(configs: list[Config], batch, p: float,
   """Compile time (median of ``repeats``, interleaved) and memory per step.
 
   Rows: base, SAM opaque, rst with cond at ``p``, and host dispatch at ``p``
-  (both executables: its time is their sum, its memory the larger of each).
+  (both executables: its time is their sum, its memory the larger of each);
+  then the reuse steps at ``p`` (or, if none is at ``p``, at the first p with
+  reuse) and, if not yet there, their steps without reuse. A reuse row also
+  has ``extra_memory_bytes``: its memory minus that of the same step without
+  reuse, field by field (None on the other rows).
   """
   by_name = {c.name: c for c in configs}
-  jobs = {'base': [(by_name['base'], None)],
-          'sam opaque': [(by_name['sam opaque'], None)],
-          f'cond p={p:g}': [(by_name[f'cond p={p:g}'], None)],
-          f'host p={p:g}': [(by_name[f'host p={p:g}'], False),
-                            (by_name[f'host p={p:g}'], True)]}
+  names = ['base', 'sam opaque', f'cond p={p:g}', f'host p={p:g}']
+  reused = [c for c in configs if c.reference]
+  if reused:
+    at = p if any(c.p == p for c in reused) else reused[0].p
+    names += [n for c in reused if c.p == at for n in (c.reference, c.name)]
+  jobs = {}
+  for name in dict.fromkeys(names):
+    config = by_name[name]
+    jobs[name] = ([(config, False), (config, True)] if config.mode == 'host'
+                  else [(config, None)])
   measured = {name: [] for name in jobs}
   for _ in range(repeats):
     for name, parts in jobs.items():
@@ -391,13 +466,57 @@ def compile_table(configs: list[Config], batch, p: float,
     rows.append({'config': name, 'executables': len(runs[0]),
                  'trace_s': median('trace_s'), 'compile_s': median('compile_s'),
                  'total_s': median('total_s'), 'memory_bytes': memory,
-                 'repeats': repeats})
+                 'repeats': repeats,
+                 'without_reuse': by_name[name].reference,
+                 'extra_memory_bytes': None})
+  planned = {r['config']: r['memory_bytes'] for r in rows}
+  for row in rows:
+    if row['without_reuse']:
+      ours, theirs = planned[row['config']], planned[row['without_reuse']]
+      row['extra_memory_bytes'] = {
+          f: None if ours[f] is None or theirs[f] is None
+          else ours[f] - theirs[f] for f in MEMORY_FIELDS}
   return rows
+
+
+def tree_bytes(tree) -> int:
+  """The bytes of every leaf of ``tree`` (arrays or shape-dtype structs)."""
+  return int(sum(x.size * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def reuse_state_size(params, state, reuse_state) -> dict[str, Any]:
+  """The optimizer state's extra bytes with reuse, against the parameters'.
+
+  ``state`` is an ``RSTState`` and ``reuse_state`` the ``RSTReuseState`` of
+  the same rst with ``reuse`` (or any trees holding them: the base optimizer
+  and the rest are the same in both). The target is ``extra_over_parameters
+  == 1``: one parameter-sized buffer, ``buffer_dtypes`` the parameters'.
+  """
+  extra = tree_bytes(reuse_state) - tree_bytes(state)
+  param_bytes = tree_bytes(params)
+  buffers = [s.reuse_direction for s in jax.tree.leaves(
+      reuse_state, is_leaf=lambda x: isinstance(x, rst_optax.RSTReuseState))
+      if isinstance(s, rst_optax.RSTReuseState)]
+  return {'parameter_bytes': param_bytes,
+          'state_bytes': tree_bytes(state),
+          'reuse_state_bytes': tree_bytes(reuse_state),
+          'extra_bytes': extra,
+          'extra_over_parameters': extra / param_bytes,
+          'buffer_dtypes': sorted({str(x.dtype)
+                                   for x in jax.tree.leaves(buffers)}),
+          'parameter_dtypes': sorted({str(x.dtype)
+                                      for x in jax.tree.leaves(params)})}
 
 
 def bench_model(spec: ModelSpec, args, rng, decision_s: float) -> dict:
   """Times every configuration of one model, interleaved; returns its rows."""
   configs, batch, n_params = build_configs(spec, args)
+  # The states before any step: the same sizes as after.
+  by_name = {c.name: c for c in configs}
+  reused = next((c for c in configs if c.reference), None)
+  state_size = None if reused is None else reuse_state_size(
+      reused.state[0], by_name[reused.reference].state[2], reused.state[2])
   first_s = first_steps(configs, batch)
   ratios = time_rounds(configs, batch, spec.steps, spec.rounds, args.warmup,
                        rng)
@@ -406,6 +525,9 @@ def bench_model(spec: ModelSpec, args, rng, decision_s: float) -> dict:
             'dtype': args.dtype, 'batch_size': args.batch_size,
             'steps_per_round': spec.steps, 'rounds': spec.rounds,
             'compile_and_first_step_s': first_s, 'rows': rows}
+  if state_size:
+    result['reuse_alpha'] = reused.reuse
+    result['reuse_state'] = state_size
   if args.compile_repeats:
     p = 0.5 if 0.5 in args.probs else args.probs[len(args.probs) // 2]
     result['compile'] = compile_table(configs, batch, p, args.compile_repeats)
@@ -432,8 +554,10 @@ def _goal(model: str, goal: str, measured: str, met: bool) -> dict[str, Any]:
 
 
 def mixture_goals(result, mode: str) -> list[dict[str, Any]]:
-  """Within GOAL_MIXTURE of the ideal mixture at every p (with decisions)."""
-  ours = [r for r in result['rows'] if r['mode'] == mode]
+  """Within GOAL_MIXTURE of the ideal mixture at every p (with decisions);
+  the rows without reuse."""
+  ours = [r for r in result['rows']
+          if r['mode'] == mode and not r['without_reuse']]
   worst = max(ours, key=lambda r: r['ratio_to_mixture'])
   goals = [_goal(result['model'],
                  f'{mode}: ratio to mixture <= {GOAL_MIXTURE} at every p',
@@ -485,8 +609,9 @@ def compile_goals(result) -> list[dict[str, Any]]:
     return []
   rows = {r['config']: r for r in result['compile']}
   base, sam = rows['base'], rows['sam opaque']
-  cond = next(r for name, r in rows.items() if name.startswith('cond'))
-  host = next(r for name, r in rows.items() if name.startswith('host'))
+  cond, host = (next(r for name, r in rows.items()
+                     if name.startswith(mode) and not r['without_reuse'])
+                for mode in ('cond', 'host'))
   model = result['model']
   goals = [_goal(model, f'cond compiles in <= {GOAL_COMPILE}x SAM opaque',
                  f"{cond['total_s']:.2f} s vs {sam['total_s']:.2f} s "
@@ -507,6 +632,34 @@ def compile_goals(result) -> list[dict[str, Any]]:
   return goals
 
 
+def reuse_goals(result, mode: str) -> list[dict[str, Any]]:
+  """Reuse on a conv net (GOAL_REUSE_MODELS): at most GOAL_REUSE x the same
+  schedule without reuse at every p, in ``mode``; and, on every model, the
+  optimizer state exactly one parameter-sized buffer larger."""
+  model = result['model']
+  goals = []
+  ours = [r for r in result['rows'] if r['mode'] == mode and r['without_reuse']]
+  if ours and model in GOAL_REUSE_MODELS:
+    worst = max(ours, key=lambda r: r['ratio_to_without_reuse'])
+    goals.append(_goal(
+        model, f'{mode} reuse={worst["reuse"]:g}: step time <= {GOAL_REUSE}x '
+        'the same schedule without reuse at every p',
+        f"max {worst['ratio_to_without_reuse']:.3f} at p={worst['p']:g} "
+        f"(95% CI {_ci(worst['ratio_to_without_reuse_ci95'])}; all steps "
+        f"{worst['pooled_ratio_to_without_reuse']:.3f})",
+        worst['ratio_to_without_reuse'] <= GOAL_REUSE))
+  state = result.get('reuse_state')
+  if state:
+    goals.append(_goal(
+        model, 'reuse: the optimizer state holds exactly one parameter-sized '
+        'buffer more',
+        f"{state['extra_bytes']:,} bytes more, "
+        f"{state['extra_over_parameters']:.3f}x the parameters' "
+        f"{state['parameter_bytes']:,} (buffer {', '.join(state['buffer_dtypes'])})",
+        state['extra_bytes'] == state['parameter_bytes']))
+  return goals
+
+
 def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """The project's goals, for the recommended dispatch of this backend."""
   mode = rst_optax.recommended_dispatch()
@@ -516,6 +669,7 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks += end_goals(result, mode)
     checks.append(compilation_goal(result))
     checks += compile_goals(result)
+    checks += reuse_goals(result, mode)
   return checks
 
 
@@ -539,8 +693,34 @@ def markdown_rows(result: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def markdown_reuse(result: dict[str, Any]) -> str:
+  """The reuse rows against their same schedule without reuse, in Markdown
+  (empty if the run has none)."""
+  rows = [r for r in result['rows'] if r['without_reuse']]
+  if not rows:
+    return ''
+  lines = [f"**{result['model']}**, reuse (alpha = {rows[0]['reuse']:g}) "
+           'against the same schedule and dispatch without reuse', '',
+           '| config | SAM fraction | ms/step | without reuse ms/step | '
+           '/ without reuse (95% CI) | / without reuse, all steps |',
+           '|---|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(
+        f"| {r['config']} | {r['sam_fraction']:.2f} | {r['ms_per_step']:.3f} "
+        f"| {r['without_reuse_ms_per_step']:.3f} "
+        f"| {r['ratio_to_without_reuse']:.3f} "
+        f"({_ci(r['ratio_to_without_reuse_ci95'])}) "
+        f"| {r['pooled_ratio_to_without_reuse']:.3f} |")
+  return '\n'.join(lines)
+
+
 def _mib(n) -> str:
   return '–' if n is None else f'{n / 2**20:.2f}'
+
+
+def _extra(n, param_bytes: int) -> str:
+  """Extra bytes, and as a multiple of the parameters' bytes."""
+  return '–' if n is None else f'{n:+,} ({n / param_bytes:.2f}x)'
 
 
 def markdown_compile(result: dict[str, Any]) -> str:
@@ -557,6 +737,29 @@ def markdown_compile(result: dict[str, Any]) -> str:
         f"| {r['config']} | {r['executables']} | {r['trace_s']:.3f} "
         f"| {r['compile_s']:.3f} | {r['total_s']:.3f} | {_mib(mem['temp'])} "
         f"| {_mib(mem['argument'])} | {_mib(mem['output'])} |")
+  extra = [r for r in result['compile'] if r['without_reuse']]
+  state = result.get('reuse_state')
+  if not extra or not state:
+    return '\n'.join(lines)
+  n = state['parameter_bytes']
+  lines += ['', f'Extra memory with reuse, in bytes (and x the parameters\' '
+            f'{n:,} bytes):', '',
+            '| step | against | temp | argument | output |',
+            '|---|---|---:|---:|---:|']
+  for r in extra:
+    mem = r['extra_memory_bytes']
+    lines.append(f"| {r['config']} | without reuse | {_extra(mem['temp'], n)} "
+                 f"| {_extra(mem['argument'], n)} "
+                 f"| {_extra(mem['output'], n)} |")
+  lines.append(
+      f"| optimizer state | RSTState | – | {_extra(state['extra_bytes'], n)} "
+      f"| – |")
+  lines += ['', f"Optimizer state: RSTReuseState {state['reuse_state_bytes']:,}"
+            f" bytes, RSTState {state['state_bytes']:,}: "
+            f"{state['extra_bytes']:,} bytes more, "
+            f"{state['extra_over_parameters']:.3f}x the parameters' {n:,} "
+            f"(buffer {', '.join(state['buffer_dtypes'])}, parameters "
+            f"{', '.join(state['parameter_dtypes'])})."]
   return '\n'.join(lines)
 
 
@@ -573,11 +776,16 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
   for ax, zoom in zip(axes, (False, True), strict=True):
     for result, color in zip(results, plt.cm.tab10.colors, strict=False):
-      for mode, style in (('cond', '--o'), ('host', '-s')):
-        rows = [r for r in result['rows'] if r['mode'] == mode]
+      for mode, style, reuse in (('cond', '--o', False), ('host', '-s', False),
+                                 ('cond', ':^', True), ('host', ':v', True)):
+        rows = [r for r in result['rows']
+                if r['mode'] == mode and bool(r['without_reuse']) == reuse]
+        if not rows:
+          continue
         ax.plot([r['p'] for r in rows], [r['ratio_to_mixture'] for r in rows],
                 style, color=color,
-                label=f"{result['model']} {result['dtype']}, {mode}")
+                label=f"{result['model']} {result['dtype']}, {mode}"
+                + (f" reuse={rows[0]['reuse']:g}" if reuse else ''))
     ax.axhline(GOAL_MIXTURE, color='gray', lw=0.8, ls=':',
                label=f'goal {GOAL_MIXTURE}')
     ax.axhline(1.0, color='gray', lw=0.5)
@@ -637,11 +845,31 @@ def add_timing_flags(parser: argparse.ArgumentParser) -> None:
                       help='folder for the results')
 
 
+def add_reuse_flags(parser: argparse.ArgumentParser, probs: str) -> None:
+  """The reuse flags, shared with benchmarks.accelerator (``probs``: the
+  default of ``--reuse-probs``)."""
+  parser.add_argument('--reuse', type=float, default=0.7,
+                      help="alpha, rst's `reuse`, of the reuse rows (> 0)")
+  parser.add_argument('--reuse-probs', default=probs,
+                      help='the values of p for the reuse rows; each also '
+                           'gets its row without reuse ("": no reuse rows)')
+
+
+def parse_reuse_probs(parser: argparse.ArgumentParser,
+                      args: argparse.Namespace) -> None:
+  """``--reuse-probs`` and ``--reuse`` checked, the probabilities as floats."""
+  args.reuse_probs = [float(p) for p in args.reuse_probs.split(',') if p]
+  if not all(0 <= p <= 1 for p in args.reuse_probs):
+    parser.error('--reuse-probs: values in [0, 1]')
+  if not args.reuse > 0:
+    parser.error('--reuse: alpha > 0')
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--models', default='mlp,cnn',
                       help=f'comma-separated, from {",".join(MODELS)}')
-  parser.add_argument('--probs', default='0,0.25,0.5,0.75,1',
+  parser.add_argument('--probs', default='0,0.2,0.25,0.5,0.75,1',
                       help='the values of p for the cond and host rows')
   parser.add_argument('--rounds', type=int, default=0,
                       help='timed rounds, the medians are over them '
@@ -652,6 +880,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'),
                       help='compute type (parameters stay float32)')
+  add_reuse_flags(parser, '0.2,0.5')
+  parser.add_argument('--reuse-modes', default='cond,host',
+                      help='the dispatch modes of the reuse rows ("": none)')
   add_timing_flags(parser)
   parser.add_argument('--compile-repeats', type=int, default=3,
                       help='compilations per step for the compile-time table '
@@ -664,6 +895,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.probs = [float(p) for p in args.probs.split(',')]
   if not args.probs or not all(0 <= p <= 1 for p in args.probs):
     parser.error('--probs: one or more values in [0, 1]')
+  parse_reuse_probs(parser, args)
+  modes = args.reuse_modes.split(',') if args.reuse_modes else []
+  if not set(modes) <= {'cond', 'host'}:
+    parser.error('--reuse-modes: cond, host or both')
+  args.reuse_modes = [m for m in ('cond', 'host') if m in modes]
   if min(args.rounds, args.warmup, args.steps, args.compile_repeats) < 0:
     parser.error('--rounds, --warmup, --steps and --compile-repeats must be '
                  '>= 0')
@@ -686,6 +922,8 @@ def main(argv=None) -> dict[str, Any]:
                                  rounds=args.rounds or MODELS[name].rounds)
     results.append(bench_model(spec, args, rng, chunk_s / 4096))
     print('\n' + markdown_rows(results[-1]))
+    if markdown_reuse(results[-1]):
+      print('\n' + markdown_reuse(results[-1]))
     if 'compile' in results[-1]:
       print('\n' + markdown_compile(results[-1]))
   checks = goals(results)

@@ -52,7 +52,18 @@ def scaled_down(leaves: list[jax.Array], dtype) -> tuple[
   return [jnp.ldexp(x, -exponent) for x in leaves], exponent, largest
 
 
-def _direct_floor(leaves: list[jax.Array], dtype) -> float:
+def times_power_of_two(leaves: list[jax.Array], k: jax.Array, dtype
+                       ) -> list[jax.Array]:
+  """``leaves`` times ``2**k`` (``k`` an int32 scalar), as two multiplies by
+  scalars, each a power of two that ``dtype`` represents: exact where the
+  result is normal, and cheaper than ``jnp.ldexp`` on every entry."""
+  half = k // 2
+  first = jnp.ldexp(jnp.ones([], dtype), half)
+  second = jnp.ldexp(jnp.ones([], dtype), k - half)
+  return [x * first.astype(x.dtype) * second.astype(x.dtype) for x in leaves]
+
+
+def direct_floor(leaves: list[jax.Array], dtype) -> float:
   """The least sum of squares at which the plain sum is exact to rounding.
 
   Squares below the smallest normal number may be flushed to zero; above
@@ -74,7 +85,7 @@ def global_norm(leaves: list[jax.Array], dtype) -> tuple[jax.Array, jax.Array]:
   only.
   """
   squares = sum_of_squares(leaves, dtype)
-  floor = _direct_floor(leaves, dtype)
+  floor = direct_floor(leaves, dtype)
 
   def scaled():
     unit, exponent, _ = scaled_down(leaves, dtype)
@@ -155,7 +166,7 @@ def perturbation(
          for b, d in zip(w, dtypes, strict=True)]
     x = [si * xi for si, xi in zip(s, x, strict=True)]
   squares = sum_of_squares(x, wide)
-  floor = _direct_floor(x, wide)
+  floor = direct_floor(x, wide)
 
   def direct(_):
     scale = jnp.asarray(rho, wide) / (jnp.sqrt(squares) + eps)

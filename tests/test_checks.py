@@ -128,16 +128,17 @@ def test_the_coin_checks_add_nothing_to_the_graph():
 
 @pytest.mark.parametrize('where', ['params', 'updates'])
 def test_a_typed_key_among_the_parameters_is_refused_by_name(where):
-  params = {'w': jnp.ones(3), 'rng': jax.random.key(0)}
+  keyed = {'w': jnp.ones(3), 'rng': jax.random.key(0)}
+  plain = {'w': jnp.ones(3), 'rng': jnp.zeros([])}
   tx = rst_optax.rst(optax.sgd(0.1))
-  state = tx.init(params)
-  updates = params
-  if where == 'updates':
-    params = {'w': jnp.ones(3), 'rng': jnp.zeros([])}
-  with pytest.raises(TypeError, match=rf"rst: every leaf of `{where}` must "
-                     r"have a real floating dtype; the leaf at \['rng'\] is "
-                     'a PRNG key'):
-    tx.update(updates, state, params, grad_fn=lambda p: p)
+  match = (rf"rst: every leaf of `{where}` must have a real floating dtype; "
+           r"the leaf at \['rng'\] is a PRNG key")
+  if where == 'params':  # refused as soon as init sees it
+    with pytest.raises(TypeError, match=match):
+      tx.init(keyed)
+    return
+  with pytest.raises(TypeError, match=match):
+    tx.update(keyed, tx.init(plain), plain, grad_fn=lambda p: p)
 
 
 # Single-array parameters: the root is named, the loss recognised.

@@ -145,8 +145,11 @@ class HostDispatch:
   call runs it with the decision of the current step, from
   :func:`rst_optax.iter_decisions` with the schedule and seed of ``tx``, read
   from the transformation itself, and moves to the next step. The run takes
-  exactly the branches, and gives the same results, as the in-graph
-  ``lax.cond`` of ``rst``; pass ``jit=flax.nnx.jit`` for NNX objects.
+  exactly the branches of the in-graph ``lax.cond`` of ``rst``, and its
+  results agree with it to floating-point rounding (the two are different
+  compiled programs, which XLA may round differently: bit-identical with SGD
+  in the tests, last bits apart with Adam); pass ``jit=flax.nnx.jit`` for NNX
+  objects.
 
   Pick it where control flow costs: on XLA:CPU a convolution's gradient inside
   ``lax.cond`` runs 10-100x slower than outside (jax issue #12868); see

@@ -8,7 +8,7 @@ On a SAM step with gradient :math:`g` and SAM-branch direction :math:`d`,
 :math:`g + \alpha \|g\|\, u`, which is LookSAM's
 :math:`g + \alpha (\|g\| / \|g_v\|)\, g_v`. Everything is computed in at least
 float32 and can neither overflow nor underflow: on CPU with plain sums where
-they are exact (behind a ``jax.lax.cond`` on scalars, as
+they are exact (chosen by a ``jax.lax.cond`` on scalars, as
 :func:`rst_optax._norms.perturbation` does), else after scaling each vector
 by a power of two near its largest entry.
 """
@@ -27,13 +27,9 @@ def orthogonal_unit(d: list[jax.Array], g: list[jax.Array],
   finite (a NaN or Inf in ``d`` or ``g``), the result is zero: nothing is
   reused.
 
-  On CPU the computation sits in a ``jax.lax.cond`` on whether ``g`` is
-  finite (no gradient inside), whose operands XLA materializes: it then reads
-  the same ``d`` and ``g`` whether the step runs under host dispatch or in
-  ``rst``'s own ``cond``. Otherwise XLA:CPU may fuse a copy of their last
-  operation into the inner products, rounded differently (an FMA), and the
-  difference of nearly parallel vectors magnifies that last bit: host
-  dispatch and the ``cond`` would keep different directions.
+  On CPU the sums are first taken directly, in the compute dtype, and the
+  scaled computation runs only where they could overflow or lose bits to
+  underflow (a ``jax.lax.cond`` on scalars); elsewhere it always runs.
 
   Args:
     d: the SAM-branch direction, a list of leaves.
@@ -43,14 +39,9 @@ def orthogonal_unit(d: list[jax.Array], g: list[jax.Array],
   Returns:
     The unit vector, or zeros, as leaves of ``dtypes``.
   """
-  zeros = lambda d, g: [jnp.zeros(x.shape, t)
-                        for x, t in zip(d, dtypes, strict=True)]
   return jax.lax.platform_dependent(
       d, g, default=lambda d, g: _orthogonal_unit(d, g, dtypes, fast=False),
-      cpu=lambda d, g: jax.lax.cond(
-          _norms.all_finite(g),
-          lambda d, g: _orthogonal_unit(d, g, dtypes, fast=True), zeros, d,
-          g))
+      cpu=lambda d, g: _orthogonal_unit(d, g, dtypes, fast=True))
 
 
 def _orthogonal_unit(d, g, dtypes, fast: bool) -> list[jax.Array]:

@@ -37,7 +37,10 @@ def configs(**overrides):
 def test_configurations_scale_rho_and_lam_as_named():
   total = 400
   by = configs()
-  assert len(by) == 2 + 2 * len(kinds.KINDS)
+  # the default kinds: all but the three with reuse, at each of the two p
+  assert set(kinds.KINDS) - set(kinds.DEFAULT_KINDS) == {
+      'reuse', 'reuse_fresh', 'looksam'}
+  assert len(by) == 2 + 2 * len(kinds.DEFAULT_KINDS)
   for p, k in ((0.5, 2), (0.25, 4)):
     get = lambda kind, p=p: next(c for c in by.values()
                                  if c.kind == kind and c.p == p)
@@ -96,6 +99,21 @@ def test_a_kind_is_one_entry_of_the_table(monkeypatch):
   assert kinds.grid_of(by['SGD'], (0.1, 0.2), alphas=(0.5,)) == [(0.0, 0.0)]
   with pytest.raises(SystemExit):  # a periodic kind needs p = 1/k
     cli.parse_args(['--kinds', 'reuse_periodic', '--p', '0.3'])
+
+
+def test_the_reuse_kinds_are_named_and_scheduled():
+  args = cli.parse_args(['--kinds', 'reuse,reuse_fresh,looksam', '--p', '0.2',
+                         '--no-baselines'])
+  by = {c.name: c for c in kinds.make_configs(args)}
+  assert list(by) == ['RST + reuse p=0.2', 'RST + reuse <= k steps p=0.2',
+                      'LookSAM (every k + reuse) p=0.2']
+  looksam = by['LookSAM (every k + reuse) p=0.2']
+  plan = rst_optax.decisions(kinds.schedule_of(looksam, 400)[0], 0, 0, 10)
+  assert plan.tolist() == [False, False, False, False, True] * 2
+  for config in by.values():
+    assert kinds.spec(config.kind).reuse
+    assert config.rho_scale == 1.0 and kinds.lam_of(config, 0.2, 400) == 1.0
+    assert kinds.grid_of(config, (0.3,), alphas=(0.5,)) == [(0.3, 0.5)]
 
 
 def test_every_k_needs_p_of_one_over_k():

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-step-cost bench-label-noise clean docs wheel-check test-min test-py313 typecheck
+.PHONY: demo test lint bench-step-cost bench-label-noise label-noise-report clean docs wheel-check test-min test-py313 typecheck
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,18 @@ test: lint
 bench-step-cost: $(STAMP)
 	$(BIN)/python -m benchmarks.step_cost
 
-# The label-noise benchmark (benchmarks/README.md, "Label noise"): six parts,
-# each its own command of under 40 minutes on 2 cores, then the pooled report.
+# The label-noise benchmark (benchmarks/README.md, "Label noise"): parts, each
+# its own command, then the pooled reports. Recipe 1 (the default): six parts
+# without reuse, then the reuse kinds at p = 0.2; recipe 2 (--val-size 600
+# --epochs 115: another split, 2,990 steps): SGD, SAM and LookSAM.
 LABEL_NOISE := $(BIN)/python -m benchmarks.label_noise --workers 2
 LN_RESULTS := benchmarks/results
 LN_WIDE := 0.05,0.1,0.2,0.3,0.4,0.6,0.8
+LN_REUSE := $(LABEL_NOISE) --no-baselines --p 0.2
+LN_RECIPE2 := $(LABEL_NOISE) --p 0.2 --kinds looksam --alphas 0.5 --val-size 600 --epochs 115
+LN_PARTS := 20_p050 40_p050 p020 clean p025 upper reuse_20_p020 reuse_20_p020_low reuse_20_p020_r01 reuse_40_p020 reuse_40_p020_r01 reuse_clean_p020 reuse_clean_p020_a02
+LN_PARTS2 := recipe2_20 recipe2_20_r06 recipe2_40 recipe2_40_r01 recipe2_clean
+comma := ,
 bench-label-noise: $(STAMP)
 	$(LABEL_NOISE) --noise 0.2 --p 0.5 --name label_noise_20_p050
 	$(LABEL_NOISE) --noise 0.4 --p 0.5 --name label_noise_40_p050
@@ -37,7 +44,24 @@ bench-label-noise: $(STAMP)
 	$(LABEL_NOISE) --noise 0 --p 0.5,0.2 --kinds rst,grst,every_k_lam --rhos $(LN_WIDE) --name label_noise_clean
 	$(LABEL_NOISE) --noise 0.2,0.4 --p 0.25 --no-baselines --name label_noise_p025
 	$(LABEL_NOISE) --noise 0.2,0.4 --p 0.5,0.25 --kinds rst,linear --rhos 0.8,1.0 --no-baselines --flat-top 0 --name label_noise_upper
-	$(LABEL_NOISE) --name label_noise --from-json $(LN_RESULTS)/label_noise_20_p050.json,$(LN_RESULTS)/label_noise_40_p050.json,$(LN_RESULTS)/label_noise_p020.json,$(LN_RESULTS)/label_noise_clean.json,$(LN_RESULTS)/label_noise_p025.json,$(LN_RESULTS)/label_noise_upper.json
+	$(LN_REUSE) --noise 0.2 --kinds reuse,reuse_fresh,looksam --alphas 0.5,0.7,1.0 --rhos 0.2,0.3,0.4,0.6 --name label_noise_reuse_20_p020
+	$(LN_REUSE) --noise 0.2 --kinds reuse,reuse_fresh,looksam --alphas 0.2,0.3 --rhos 0.1,0.2,0.3,0.4 --name label_noise_reuse_20_p020_low
+	$(LN_REUSE) --noise 0.2 --kinds reuse,reuse_fresh,looksam --alphas 0.5 --rhos 0.1 --name label_noise_reuse_20_p020_r01
+	$(LN_REUSE) --noise 0.4 --kinds looksam,reuse_fresh --alphas 0.5 --rhos 0.2,0.3,0.4 --name label_noise_reuse_40_p020
+	$(LN_REUSE) --noise 0.4 --kinds looksam --alphas 0.5 --rhos 0.1 --name label_noise_reuse_40_p020_r01
+	$(LN_REUSE) --noise 0 --kinds looksam,reuse_fresh --alphas 0.5 --rhos 0.05,0.1,0.2 --name label_noise_reuse_clean_p020
+	$(LN_REUSE) --noise 0 --kinds looksam --alphas 0.2 --rhos 0.05,0.1,0.2 --name label_noise_reuse_clean_p020_a02
+	$(LN_RECIPE2) --noise 0.2 --rhos 0.1,0.2,0.3,0.4 --name label_noise_recipe2_20
+	$(LN_RECIPE2) --noise 0.2 --rhos 0.6 --name label_noise_recipe2_20_r06
+	$(LN_RECIPE2) --noise 0.4 --rhos 0.2,0.3,0.4 --name label_noise_recipe2_40
+	$(LN_RECIPE2) --noise 0.4 --rhos 0.1 --name label_noise_recipe2_40_r01
+	$(LN_RECIPE2) --noise 0 --rhos 0.05,0.1,0.2 --name label_noise_recipe2_clean
+	$(MAKE) label-noise-report
+
+# The pooled reports alone, from the parts' JSON files (seconds).
+label-noise-report: $(STAMP)
+	$(LABEL_NOISE) --name label_noise --from-json $(subst $(eval) ,$(comma),$(foreach p,$(LN_PARTS),$(LN_RESULTS)/label_noise_$(p).json))
+	$(LABEL_NOISE) --name label_noise_recipe2 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(LN_PARTS2),$(LN_RESULTS)/label_noise_$(p).json))
 
 # The documentation site, offline, with warnings as errors; open
 # docs/_build/html/index.html afterwards.

@@ -485,3 +485,31 @@ def test_the_headline_shows_gain_difference_or_accuracy_as_data_allow(
                tmp_path / f'{name}_flat.png', 'title')
     assert (tmp_path / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
     assert not (tmp_path / f'{name}_flat.png').exists()
+
+
+def test_recipes_are_compared_on_the_paired_sam_level_goal():
+  def recipe(looksam_tests):
+    recs = []
+    for seed, test in enumerate(looksam_tests):
+      recs += [record('SGD', 0.0, seed, 0.6, 0.60, kind='sgd', passes=10),
+               record('SAM', 0.1, seed, 0.8, 0.80 + 0.01 * seed, kind='sam',
+                      passes=20),
+               record('LookSAM', 0.1, seed, 0.8, test, kind='looksam',
+                      passes=12, alpha=0.5)]
+    return stats.summarize(recs)
+
+  near = recipe([0.80, 0.805, 0.83])  # paired diffs 0, -0.005, +0.01
+  far = recipe([0.70, 0.71, 0.72])
+  row = near['0.2']['rows']['LookSAM']
+  assert report.sam_level(row)
+  assert not report.sam_level(far['0.2']['rows']['LookSAM'])
+  table = report.format_recipes([near, far], ['recipe 1', 'recipe 2'],
+                                ['SAM', 'LookSAM'])
+  lines = table.splitlines()
+  assert lines[0].count('SAM-level') == 2 and len(lines) == 4
+  assert lines[3].startswith('| 20% | LookSAM | 0.1, 0.5 | 81.17 ± 0.93 | '
+                             '+0.17 ± 0.44 | yes | 0.1, 0.5 | 71.00 ± 0.58 |')
+  assert lines[3].endswith('| no | **no** |')
+  assert lines[2].endswith('| – |')  # SAM itself: nothing to agree on
+  same = report.format_recipes([near, near], ['a', 'b'], ['LookSAM'])
+  assert same.splitlines()[2].endswith('| yes | yes |')

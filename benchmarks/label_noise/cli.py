@@ -82,6 +82,14 @@ def parse_args(argv=None):
                       help='redo the tables and plots of a saved JSON; '
                       'several, comma-separated, pool their runs (e.g. '
                       'extra radii) and choose again')
+  parser.add_argument('--recipes', default=None,
+                      help='compare saved (pooled) JSONs of different recipes, '
+                      'comma-separated: one table of the --recipe-configs, '
+                      'no training')
+  parser.add_argument('--recipe-configs',
+                      default='SGD;SAM;LookSAM (every k + reuse) p=0.2',
+                      help='configurations compared by --recipes, '
+                      'semicolon-separated')
   args = parser.parse_args(argv)
   if args.quick:
     args.seeds, args.epochs, args.num_samples, args.val_size = 2, 4, 500, 100
@@ -158,6 +166,19 @@ def main(argv=None):
   """Runs the benchmark (or pools ``--from-json``) and reports; the result."""
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  if args.recipes:
+    paths = args.recipes.split(',')
+    summaries = []
+    for path in paths:
+      with open(path) as f:
+        summaries.append(stats.summarize(stats.with_alpha(json.load(f)['runs'])))
+    table = report.format_recipes(
+        summaries, [f'recipe {i + 1}' for i in range(len(paths))],
+        [c.strip() for c in args.recipe_configs.split(';') if c.strip()])
+    print('Recipes: ' + '; '.join(
+        f'{i + 1}: {os.path.basename(p)}' for i, p in enumerate(paths)))
+    print(table)
+    return table
   if args.from_json:
     result = report.merge_results(args.from_json.split(','))
     report.report(result, args.out, args.name)

@@ -76,13 +76,64 @@ def format_tables(summary):
       goal = [
           name for name, row in rows.items()
           if name not in ('SAM', 'SGD') and row['diverged'] == 0
-          and row['passes_vs_SAM'] <= 0.6 + 1e-9
-          and row['test_acc']['mean'] >= sam['test_acc']['mean']
-          - sam['test_acc']['sem']]
-      lines += ['', '- SAM-level test accuracy (≥ SAM − 1 s.e.) at ≤ 0.6× '
-                "SAM's passes: " + (', '.join(goal) if goal else 'none.')]
+          and row['passes_vs_SAM'] <= 0.6 + 1e-9 and sam_level(row)]
+      lines += ['', '- SAM-level test accuracy (≥ SAM − 1 paired s.e.) at '
+                "≤ 0.6× SAM's passes: " + (', '.join(goal) if goal
+                                            else 'none.')]
     parts.append('\n'.join(lines))
   return '\n\n'.join(parts)
+
+
+def sam_level(row) -> bool:
+  """Whether a row's test accuracy is at least SAM's minus one s.e. of
+  the paired (per-seed) difference, with no seed diverged."""
+  diff = row.get('diff_vs_SAM')
+  return bool(row['diverged'] == 0 and diff and diff['n']
+              and diff['mean'] >= -diff['sem'])
+
+
+def format_recipes(summaries, labels, configs):
+  """Markdown: the same configurations under several recipes, side by side.
+
+  One line per noise level and configuration; for each recipe its chosen
+  radius (and alpha), test accuracy, difference from SAM with its paired
+  s.e., diverged seeds, and whether it is SAM-level (``sam_level``); the last
+  column says whether the recipes agree on that.
+  """
+  head = ' | '.join(f'{label}: ρ, α | {label}: test % | {label}: Δ vs SAM pp '
+                    f'| {label}: SAM-level' for label in labels)
+  lines = [f'| noise | configuration | {head} | agree |',
+           '|---|---|' + '---|' * (4 * len(labels)) + '---|']
+  noises = sorted({n for s in summaries for n in s}, key=float)
+  for noise in noises:
+    for config in configs:
+      cells, verdicts = [], []
+      for summary in summaries:
+        row = summary.get(noise, {}).get('rows', {}).get(config)
+        if row is None:
+          cells.append('– | not run | – | –')
+          continue
+        rho = '–' if row['kind'] == 'sgd' else f'{row["rho"]:.3g}'
+        if row['alpha']:
+          rho += f', {row["alpha"]:g}'
+        diff = row.get('diff_vs_SAM')
+        diff_s = (f'{100 * diff["mean"]:+.2f} ± {100 * diff["sem"]:.2f}'
+                  if diff and diff['n'] and config != 'SAM' else '–')
+        level = '–' if config in ('SAM', 'SGD') or not (
+            diff and diff['n']) else ('yes' if sam_level(row) else 'no')
+        verdicts.append(level)
+        if row['diverged']:
+          level += f' ({row["diverged"]} diverged)'
+        cells.append(f'{rho} | {pct(row["test_acc"])} | {diff_s} | {level}')
+      agree = ('–' if len(verdicts) < len(summaries) or '–' in verdicts
+               else ('yes' if len(set(verdicts)) == 1 else '**no**'))
+      lines.append(f'| {_noise_label(noise)} | {config} | '
+                   + ' | '.join(cells) + f' | {agree} |')
+  return '\n'.join(lines)
+
+
+def _noise_label(noise):
+  return f'{100 * float(noise):.0f}%'
 
 
 def format_sweep(summary):

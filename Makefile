@@ -35,7 +35,7 @@ LN_WIDE := 0.05,0.1,0.2,0.3,0.4,0.6,0.8
 LN_REUSE := $(LABEL_NOISE) --no-baselines --p 0.2
 LN_RECIPE2 := $(LABEL_NOISE) --p 0.2 --kinds looksam --alphas 0.5 --val-size 600 --epochs 115
 LN_PARTS := 20_p050 40_p050 p020 clean p025 upper reuse_20_p020 reuse_20_p020_low reuse_20_p020_r01 reuse_40_p020 reuse_40_p020_r01 reuse_clean_p020 reuse_clean_p020_a02
-LN_PARTS2 := recipe2_20 recipe2_20_r06 recipe2_40 recipe2_40_r01 recipe2_clean
+LN_PARTS2 := recipe2_20 recipe2_20_r06 recipe2_40 recipe2_40_r01 recipe2_clean recipe2_clean_rst
 comma := ,
 bench-label-noise: $(STAMP)
 	$(LABEL_NOISE) --noise 0.2 --p 0.5 --name label_noise_20_p050
@@ -56,6 +56,7 @@ bench-label-noise: $(STAMP)
 	$(LN_RECIPE2) --noise 0.4 --rhos 0.2,0.3,0.4 --name label_noise_recipe2_40
 	$(LN_RECIPE2) --noise 0.4 --rhos 0.1 --name label_noise_recipe2_40_r01
 	$(LN_RECIPE2) --noise 0 --rhos 0.05,0.1,0.2 --name label_noise_recipe2_clean
+	$(LABEL_NOISE) --p 0.2 --kinds rst --val-size 600 --epochs 115 --noise 0 --rhos 0.2,0.4 --no-baselines --name label_noise_recipe2_clean_rst
 	$(MAKE) label-noise-report
 
 # The pooled reports alone, from the parts' JSON files (seconds).

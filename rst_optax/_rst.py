@@ -277,8 +277,8 @@ def rst(
   branches is traced: ``0`` traces the base branch alone, ``1`` the SAM branch
   alone, which on CPU still holds one ``jax.lax.cond`` of its own, on a
   scalar, that picks how the perturbation's norm is computed (it holds no
-  gradient; with ``reuse``, a second one, on whether :math:`g` is finite,
-  computes :math:`u`).
+  gradient; with ``reuse``, a few more, on scalars too, pick how the sums of
+  :math:`u` are computed).
 
   ``update`` takes, besides the usual arguments:
 
@@ -356,7 +356,9 @@ def rst(
       Python number 0: no reuse, no buffer, and the state is
       :class:`RSTState`. Any other value, an array too (as
       ``optax.inject_hyperparams`` passes it), keeps the buffer and gives
-      an :class:`RSTReuseState`.
+      an :class:`RSTReuseState`. In the benchmarks, 0.5 with
+      ``schedule=schedules.periodic(5)`` (LookSAM) reached SAM's accuracy
+      at 0.6x its gradient evaluations with noisy labels, not on clean ones.
     adaptive: use the ASAM perturbation (element-wise scaled by
       :math:`|w| + \eta`).
     eta: ASAM's :math:`\eta \ge 0`, so that parameters at zero are perturbed

@@ -50,13 +50,13 @@ bench-label-noise: $(STAMP)
 	$(LN_REUSE) --noise 0.4 --kinds looksam,reuse_fresh --alphas 0.5 --rhos 0.2,0.3,0.4 --name label_noise_reuse_40_p020
 	$(LN_REUSE) --noise 0.4 --kinds looksam --alphas 0.5 --rhos 0.1 --name label_noise_reuse_40_p020_r01
 	$(LN_REUSE) --noise 0 --kinds looksam,reuse_fresh --alphas 0.5 --rhos 0.05,0.1,0.2 --name label_noise_reuse_clean_p020
-	$(LN_REUSE) --noise 0 --kinds looksam --alphas 0.2 --rhos 0.05,0.1,0.2 --name label_noise_reuse_clean_p020_a02
+	$(LN_REUSE) --noise 0 --kinds looksam --alphas 0.2 --rhos 0.05,0.1,0.2 --flat-top 0 --name label_noise_reuse_clean_p020_a02
 	$(LN_RECIPE2) --noise 0.2 --rhos 0.1,0.2,0.3,0.4 --name label_noise_recipe2_20
 	$(LN_RECIPE2) --noise 0.2 --rhos 0.6 --name label_noise_recipe2_20_r06
 	$(LN_RECIPE2) --noise 0.4 --rhos 0.2,0.3,0.4 --name label_noise_recipe2_40
-	$(LN_RECIPE2) --noise 0.4 --rhos 0.1 --name label_noise_recipe2_40_r01
+	$(LN_RECIPE2) --noise 0.4 --rhos 0.1 --flat-top 0 --name label_noise_recipe2_40_r01
 	$(LN_RECIPE2) --noise 0 --rhos 0.05,0.1,0.2 --name label_noise_recipe2_clean
-	$(LABEL_NOISE) --p 0.2 --kinds rst --val-size 600 --epochs 115 --noise 0 --rhos 0.2,0.4 --no-baselines --name label_noise_recipe2_clean_rst
+	$(LABEL_NOISE) --p 0.2 --kinds rst --val-size 600 --epochs 115 --noise 0 --rhos 0.2,0.4 --no-baselines --flat-top 0 --name label_noise_recipe2_clean_rst
 	$(MAKE) label-noise-report
 
 # The pooled reports alone, from the parts' JSON files (seconds).

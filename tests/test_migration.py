@@ -74,6 +74,14 @@ def test_sgd_trajectory_equals_optax_contrib_sam_opaque_over_100_steps():
   assert loss_fn(p_ours, batches[0]) < 0.5 * start  # it did train
 
 
+def with_opt_state(state, opt_state):
+  """``optax.contrib.sam``'s state with another ``opt_state``: a NamedTuple
+  in recent Optax, a chex dataclass in 0.2.5 (the lowest we support)."""
+  if hasattr(state, '_replace'):
+    return state._replace(opt_state=opt_state)
+  return state.replace(opt_state=opt_state)
+
+
 def test_adam_each_step_equals_optax_contrib_sam_opaque_from_the_same_state():
   params, loss_fn, batches = mlp_problem(key=1)
   ours, theirs = the_pair(optax.adam(1e-2))
@@ -82,7 +90,7 @@ def test_adam_each_step_equals_optax_contrib_sam_opaque_from_the_same_state():
     grad_fn = lambda q: jax.grad(loss_fn)(q, batch)
     g = grad_fn(p)
     # optax.contrib.sam's state at the same point: Adam's state from rst's.
-    s_theirs = theirs.init(p)._replace(opt_state=s_ours.base_state)
+    s_theirs = with_opt_state(theirs.init(p), s_ours.base_state)
     u_theirs, s_theirs = theirs.update(g, s_theirs, p,
                                        grad_fn=lambda q, _: grad_fn(q))
     u_ours, s_ours = ours.update(g, s_ours, p, grad_fn=grad_fn)

@@ -283,6 +283,21 @@ def test_a_negative_eta_is_refused():
     rst_optax.rst(optax.sgd(0.1), adaptive=True, eta=-0.01)
 
 
+def test_an_unbound_axis_name_is_refused_by_name():
+  """``rst(..., axis_name=...)`` under a plain ``jax.jit``, outside any
+  shard_map or pmap, is refused by ``rst`` itself, with a message that names
+  ``rst`` and ``axis_name``, not by a NameError from inside ``pmean``."""
+  params = {'w': jnp.array([0.5, -1.0, 2.0])}
+  tx = rst_optax.rst(optax.sgd(0.1), 0.5, 0.05, axis_name='data')
+  state = tx.init(params)
+  step = lambda p, s: tx.update(quadratic_grad(p), s, p,
+                                grad_fn=quadratic_grad)
+  with pytest.raises(ValueError, match=r"^rst: `axis_name`='data' is not a "
+                     r'bound axis here: `axis_name` needs the update to run '
+                     r'inside jax\.shard_map or jax\.pmap'):
+    jax.jit(step)(params, state)
+
+
 # --- every documented composition at every floating dtype ------------------------
 
 COMPOSITIONS = {
@@ -310,6 +325,17 @@ COMPOSITIONS = {
         0.5, RHO),
     'reduce_on_plateau_inside': lambda: rst_optax.rst(optax.chain(
         optax.sgd(0.1), optax.contrib.reduce_on_plateau()), 0.5, RHO),
+    # The other wrappers of docs/composing.md, each where it says they go.
+    'clip_inside': lambda: rst_optax.rst(optax.chain(
+        optax.clip(1.0), optax.sgd(0.1)), 0.5, RHO),
+    'zero_nans_inside': lambda: rst_optax.rst(optax.chain(
+        optax.zero_nans(), optax.sgd(0.1)), 0.5, RHO),
+    'add_decayed_weights_inside': lambda: rst_optax.rst(optax.chain(
+        optax.add_decayed_weights(1e-2), optax.sgd(0.1)), 0.5, RHO),
+    # Around rst (documented: it then checks only the incoming g, and a
+    # skipped step rewinds the whole RST state); every step here is finite.
+    'apply_if_finite_around': lambda: optax.apply_if_finite(
+        rst_optax.rst(optax.sgd(0.1), 0.5, RHO), 3),
 }
 DTYPES = ['bfloat16', 'float16', 'float32', 'float64']
 

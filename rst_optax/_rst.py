@@ -83,8 +83,12 @@ def _mark_varying(tree: optax.Params, axis_name: str) -> optax.Params:
   Under ``jax.shard_map`` with ``check_vma=True``, ``jax.grad`` at parameters
   that are the same on every device returns their gradient already summed
   over the axis; at varying parameters it returns this device's gradient.
-  Under ``pmap`` or ``check_vma=False`` this is a no-op.
+  Under ``pmap`` or ``check_vma=False`` this is a no-op, and so it is where
+  ``axis_name`` is not a manual mesh axis (``jax.vmap(..., axis_name=...)``):
+  nothing tracks variance there, and ``pcast`` would fail inside a ``cond``.
   """
+  if axis_name not in jax.sharding.get_abstract_mesh().manual_axes:
+    return tree
 
   def mark(x):
     try:

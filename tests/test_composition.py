@@ -332,3 +332,27 @@ def test_reduce_on_plateau_inside_scales_both_branches():
                                 rtol=1e-6)
     scales.append(scale)
   assert scales[-1] < scales[0]
+
+
+# --- optimizers that read the loss: value/grad are passed through as given ---
+
+def test_polyak_sgd_inside_sees_the_callers_value_on_sam_steps():
+  """composing.md: on a SAM step ``rst`` hands the base optimizer the SAM
+  direction and forwards the caller's ``value`` (the loss at the unperturbed
+  point) untouched; on a base step, the gradient and the same ``value``."""
+  params, loss = make_problem()
+  grad_fn = jax.grad(loss)
+  base = optax.polyak_sgd(max_learning_rate=10.0)
+  value = loss(params)
+  sam = sam_direction(params, grad_fn)
+  for schedule, direction in ((0.0, grad_fn(params)), (1.0, sam)):
+    tx = rst_optax.rst(base, schedule=schedule, rho=RHO)
+    updates, _ = step(tx, params, grad_fn, value=value)
+    want, _ = base.update(direction, base.init(params), params, value=value)
+    chex.assert_trees_all_close(updates, want, rtol=1e-6)
+  # Not the loss at the perturbed point, which gives another step size.
+  g = grad_fn(params)
+  perturbed = optax.tree.add_scale(params, RHO / optax.tree.norm(g), g)
+  other, _ = base.update(sam, base.init(params), params,
+                         value=loss(perturbed))
+  assert not np.allclose(other['w'], updates['w'], rtol=1e-3)

@@ -3,7 +3,8 @@
 The 8-device runs happen in one subprocess (tests/_sharded_worker.py) started
 with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, since this pytest
 process has already initialized JAX with one device; the single-device
-references run here.
+references run here, and so do the ``jax.vmap(axis_name=...)`` runs at the
+end, which simulate the devices within one.
 """
 
 import functools
@@ -13,6 +14,7 @@ import subprocess
 import sys
 
 import _dist_problem as prob
+import _jaxpr
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,3 +204,63 @@ def test_the_reuse_buffer_is_the_same_on_every_device(sharded, name):
       for device in range(1, N_DEVICES):
         np.testing.assert_array_equal(stacked[device], stacked[0])
     assert np.any(sharded[f'{name}/buffers/{key}'][0] != 0)
+
+
+# --- jax.vmap(..., axis_name=...): the same collectives, in this process ----
+
+
+def run_vmap(perturbation, reuse=None):
+  """RST with ``axis_name`` under ``jax.vmap``: N_DEVICES simulated devices,
+  each on its shard of the batch, with the parameters and state shared (not
+  mapped), so the coin stays a ``cond``. Returns (params, flags), and checks
+  at every step that all devices returned the same parameters and state."""
+  tx = prob.make_tx(axis_name='data', perturbation=perturbation, reuse=reuse)
+  x, y = prob.make_data()
+  split = lambda a: a.reshape((N_DEVICES, -1) + a.shape[1:])
+
+  def body(params, state, xb, yb):
+    g = prob.grad(params, xb, yb)
+    if perturbation == 'global':
+      g = jax.lax.pmean(g, 'data')
+    updates, new_state = tx.update(g, state, params,
+                                   grad_fn=lambda p: prob.grad(p, xb, yb))
+    return (optax.apply_updates(params, updates), new_state,
+            prob.took_sam(state, new_state))
+
+  mapped = jax.vmap(body, axis_name='data', in_axes=(None, None, 0, 0))
+  params, state = prob.make_params(), tx.init(prob.make_params())
+  jaxpr = jax.make_jaxpr(mapped)(params, state, split(x[0]), split(y[0]))
+  assert _jaxpr.gradient_conds(jaxpr) == 1  # the branch is chosen in the graph
+  step = jax.jit(mapped)
+  flags = []
+  for t in range(prob.STEPS):
+    params, state, took = step(params, state, split(x[t]), split(y[t]))
+    for leaf in jax.tree.leaves((params, state, took)):
+      for device in range(1, N_DEVICES):
+        np.testing.assert_array_equal(leaf[device], leaf[0])
+    params, state = jax.tree.map(lambda a: a[0], (params, state))
+    flags.append(np.asarray(took))
+  if reuse is not None:
+    assert np.any(np.asarray(state.reuse_direction['w1']) != 0)
+  return params, np.stack(flags)
+
+
+@pytest.mark.parametrize('perturbation,reuse', [
+    ('global', None), ('local', None), ('global', REUSE)])
+def test_vmap_axis_name_takes_the_coin_and_matches_the_references(
+    single_device, perturbation, reuse):
+  """Under ``jax.vmap(axis_name=...)`` the ``cond`` path runs (it used to
+  crash inside ``jax.lax.pcast``): every device draws the same coin and
+  keeps the same bits; global equals one device, local equals per-device
+  m-sharpness, and reuse equals one device with reuse."""
+  params, flags = run_vmap(perturbation, reuse)
+  assert flags.shape == (prob.STEPS, N_DEVICES)
+  np.testing.assert_array_equal(flags[:, 0], expected_decisions())
+  if perturbation == 'local':
+    want = m_sharpness_reference()
+  elif reuse is None:
+    want, _ = single_device
+  else:
+    want, _ = prob.run_single_device(reuse=reuse)
+  for key in want:
+    np.testing.assert_allclose(params[key], want[key], **TOL, err_msg=key)

@@ -27,7 +27,8 @@ try:
 except ImportError as error:
   raise ImportError(
       'rst_optax.equinox_utils needs Equinox, which is not installed; install '
-      'it with: pip install "rst_optax[equinox]"') from error
+      'it with: pip install equinox (or, in a clone of rst_optax, the extra: '
+      'pip install ".[equinox]")') from error
 
 from rst_optax import _checks
 from rst_optax._types import GradFn

@@ -31,7 +31,8 @@ try:
 except ImportError as error:
   raise ImportError(
       'rst_optax.flax_utils needs Flax, which is not installed; install it '
-      'with: pip install "rst_optax[flax]"') from error
+      'with: pip install flax (or, in a clone of rst_optax, the extra: '
+      'pip install ".[flax]")') from error
 
 from rst_optax import _checks
 from rst_optax._types import GradFn

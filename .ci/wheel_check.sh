@@ -76,7 +76,8 @@ for helper, extra in (('flax_utils', 'flax'), ('equinox_utils', 'equinox')):
   try:
     importlib.import_module(f'rst_optax.{helper}')
   except ImportError as error:
-    assert f'pip install "rst_optax[{extra}]"' in str(error), str(error)
+    assert f'pip install {extra} ' in str(error), str(error)
+    assert f'pip install ".[{extra}]"' in str(error), str(error)
     print(f'import rst_optax.{helper} without {extra}: {type(error).__name__}: {error}')
   else:
     raise AssertionError(f'import rst_optax.{helper} succeeded without {extra}')

@@ -27,14 +27,14 @@ bench-step-cost: $(STAMP)
 
 # The label-noise benchmark (benchmarks/README.md, "Label noise"): parts, each
 # its own command, then the pooled reports. Recipe 1 (the default): six parts
-# without reuse, then the reuse kinds at p = 0.2 and 0.25; recipe 2 (--val-size 600
+# without reuse, then the reuse kinds at p = 0.2, 0.25 and 0.5; recipe 2 (--val-size 600
 # --epochs 115: another split, 2,990 steps): SGD, SAM and LookSAM.
 LABEL_NOISE := $(BIN)/python -m benchmarks.label_noise --workers 2
 LN_RESULTS := benchmarks/results
 LN_WIDE := 0.05,0.1,0.2,0.3,0.4,0.6,0.8
 LN_REUSE := $(LABEL_NOISE) --no-baselines --p 0.2
 LN_RECIPE2 := $(LABEL_NOISE) --p 0.2 --kinds looksam --alphas 0.5 --val-size 600 --epochs 115
-LN_PARTS := 20_p050 40_p050 p020 clean p025 upper reuse_20_p020 reuse_20_p020_low reuse_20_p020_r01 reuse_40_p020 reuse_40_p020_r01 reuse_clean_p020 reuse_p025
+LN_PARTS := 20_p050 40_p050 p020 clean p025 upper reuse_20_p020 reuse_20_p020_low reuse_20_p020_r01 reuse_40_p020 reuse_40_p020_r01 reuse_clean_p020 reuse_p025 reuse_clean_p025 reuse_p050
 LN_PARTS2 := recipe2_20 recipe2_20_r06 recipe2_40 recipe2_40_r01 recipe2_clean recipe2_clean_rst
 comma := ,
 bench-label-noise: $(STAMP)
@@ -51,6 +51,8 @@ bench-label-noise: $(STAMP)
 	$(LN_REUSE) --noise 0.4 --kinds looksam --alphas 0.5 --rhos 0.1 --name label_noise_reuse_40_p020_r01
 	$(LN_REUSE) --noise 0 --kinds looksam,reuse_fresh --alphas 0.5 --rhos 0.05,0.1,0.2 --name label_noise_reuse_clean_p020
 	$(LABEL_NOISE) --no-baselines --p 0.25 --noise 0.2,0.4 --kinds reuse,looksam --alphas 0.5 --rhos 0.2,0.3,0.4 --name label_noise_reuse_p025
+	$(LABEL_NOISE) --no-baselines --p 0.25 --noise 0 --kinds reuse,looksam --alphas 0.5 --rhos 0.05,0.1,0.2 --name label_noise_reuse_clean_p025
+	$(LABEL_NOISE) --no-baselines --p 0.5 --noise 0.2,0.4 --kinds reuse,looksam --alphas 0.5 --rhos 0.2,0.3,0.4 --name label_noise_reuse_p050
 	$(LN_RECIPE2) --noise 0.2 --rhos 0.1,0.2,0.3,0.4 --name label_noise_recipe2_20
 	$(LN_RECIPE2) --noise 0.2 --rhos 0.6 --name label_noise_recipe2_20_r06
 	$(LN_RECIPE2) --noise 0.4 --rhos 0.2,0.3,0.4 --name label_noise_recipe2_40

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from rst_optax import _checks, _coin, _norms, _reuse, _types
+from rst_optax._types import MAX_STEP
 
 # eps must stay positive once rounded to float32.
 _EPS_MIN = float(np.finfo(np.float32).tiny)
@@ -64,6 +65,13 @@ class RSTReuseState(NamedTuple):
       dtype, ``optax.MaskedNode()`` where ``mask`` leaves the parameter out.
       Zero before the first SAM step, and after a SAM step whose
       :math:`g_v` was zero or not finite; base steps then reuse nothing.
+    last_sam_step: with ``reuse_window``, an int32 scalar: the step count
+      ``t`` of the last SAM step, -1 before the first one (no base step
+      reuses then). A base step at step ``t`` reuses only if ``0 <=
+      last_sam_step`` and ``t - last_sam_step <= reuse_window``; where
+      ``count`` has stopped at the int32 maximum, a SAM step stores that
+      maximum. ``None`` without ``reuse_window``, and then no pytree node
+      at all: the state, and checkpoints of it, are those of before.
   """
 
   count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count
@@ -71,7 +79,53 @@ class RSTReuseState(NamedTuple):
   sam_steps: jax.Array
   base_state: optax.OptState
   reuse_direction: optax.Updates
+  last_sam_step: jax.Array | None = None
 
+
+class _NoneLeaf:
+  """``last_sam_step`` of a windowed state whose leaf a tree map turned into
+  None (``jax.tree.map(lambda x: None, state)``, as Orbax does): it keeps
+  the state's six children, so the result still matches its structure."""
+
+  __slots__ = ()
+
+  def __repr__(self) -> str:
+    return 'None'
+
+
+_NONE_LEAF = _NoneLeaf()
+
+
+def _reuse_state_children(state: RSTReuseState) -> tuple[tuple, bool]:
+  """The fields of ``state`` as (key, child) pairs, and whether it has a
+  ``reuse_window``. ``last_sam_step`` is a child only where it is set:
+  without ``reuse_window`` the pytree, key paths included, is the
+  five-field one of before, so checkpoints of it still restore (a None
+  field would be an empty node, which Orbax keeps in the structure)."""
+  windowed = state.last_sam_step is not None
+  fields = RSTReuseState._fields if windowed else RSTReuseState._fields[:-1]
+  children = tuple(
+      (jax.tree_util.GetAttrKey(name),
+       None if getattr(state, name) is _NONE_LEAF else getattr(state, name))
+      for name in fields)
+  return children, windowed
+
+
+def _reuse_state_from(windowed: bool, children: Any) -> RSTReuseState:
+  children = tuple(children)
+  if windowed and children[-1] is None:
+    children = (*children[:-1], _NONE_LEAF)
+  return RSTReuseState(*children)
+
+
+def _reuse_state_flatten(state: RSTReuseState) -> tuple[list, bool]:
+  children, windowed = _reuse_state_children(state)
+  return [child for _, child in children], windowed
+
+
+jax.tree_util.register_pytree_with_keys(
+    RSTReuseState, _reuse_state_children, _reuse_state_from,
+    _reuse_state_flatten)
 
 # The states of rst, with and without reuse.
 STATE_TYPES = (RSTState, RSTReuseState)
@@ -208,8 +262,34 @@ def _check_update_args(updates, params, grad_fn, take_sam, args) -> None:
     _checks.take_sam('rst', take_sam)
 
 
-def _check_state(state: Any, reusing: bool) -> None:
-  """Refuses a state of the other kind (with or without ``reuse``)."""
+def _check_reuse_window(reuse_window: Any, reusing: bool) -> int | None:
+  """Checks ``reuse_window``; returns it as an int at most the last step."""
+  if reuse_window is None:
+    return None
+  allowed = ('None (no bound) or a Python int >= 1, the most steps after a '
+             'SAM step at which a base step still reuses its direction')
+  if isinstance(reuse_window, (bool, np.bool_)) or not isinstance(
+      reuse_window, (int, np.integer)):
+    hint = (" Under optax.inject_hyperparams pass static_args=("
+            "'reuse_window',)." if isinstance(reuse_window, jax.Array)
+            else '')
+    raise TypeError(
+        f'rst: `reuse_window` must be {allowed}; got {reuse_window!r}.{hint}')
+  if reuse_window < 1:
+    raise ValueError(
+        f'rst: `reuse_window` must be {allowed}; got {reuse_window}.')
+  if not reusing:
+    raise ValueError(
+        'rst: `reuse_window` bounds the reuse of `reuse`, which is None or '
+        f'0 here, so reuse_window={reuse_window} would do nothing: pass '
+        '`reuse` too, or leave `reuse_window` at None.')
+  # The step count stops at MAX_STEP: a larger window bounds nothing more.
+  return min(int(reuse_window), MAX_STEP)
+
+
+def _check_state(state: Any, reusing: bool, windowed: bool) -> None:
+  """Refuses a state of the other kind (with or without ``reuse``, with or
+  without ``reuse_window``)."""
   want = RSTReuseState if reusing else RSTState
   if isinstance(state, STATE_TYPES) and not isinstance(state, want):
     made = 'with' if isinstance(state, RSTReuseState) else 'without'
@@ -217,6 +297,15 @@ def _check_state(state: Any, reusing: bool) -> None:
         f'rst: `state` is a {type(state).__name__}, made by an rst {made} '
         f'`reuse`, but this rst {"has" if reusing else "has no"} `reuse`: '
         'initialize the state with this transformation\'s init.')
+  if isinstance(state, RSTReuseState) and (
+      state.last_sam_step is None) == windowed:
+    made, has = ('without', 'has') if windowed else ('with', 'has no')
+    raise TypeError(
+        f'rst: `state` was made by an rst {made} `reuse_window`, but this rst '
+        f'{has} `reuse_window`: initialize the state with this '
+        "transformation's init (or, to bound the reuse of a state made "
+        'without it, pass state._replace(last_sam_step=jnp.int32(-1)): no '
+        'reuse until its next SAM step).')
 
 
 def rst(
@@ -227,6 +316,7 @@ def rst(
     *,
     seed: _types.Seed = 0,
     reuse: _types.ScalarOrSchedule | None = None,
+    reuse_window: int | None = None,
     adaptive: bool = False,
     eta: float = 0.01,
     eps: float | None = None,
@@ -263,7 +353,10 @@ def rst(
   ``reuse``. Until the first SAM step, and after a SAM step whose
   :math:`g_v` was zero or not finite (a NaN or Inf in :math:`g`, say), :math:`u`
   is zero and base steps are plain; so is a base step whose :math:`g` is not
-  finite or whose :math:`\alpha_t` is not positive.
+  finite or whose :math:`\alpha_t` is not positive. With ``reuse_window``
+  :math:`k`, a base step at step :math:`t` reuses only if the last SAM step
+  :math:`s` was at most :math:`k` steps before, :math:`t - s \le k`
+  (:math:`\alpha_t` is taken as 0 otherwise).
 
   With ``adaptive=True`` (ASAM) the perturbation is
   :math:`\epsilon_t = \rho_t\, s^2 g / (\| s g \|_2 + \varepsilon)` with
@@ -363,6 +456,15 @@ def rst(
       an :class:`RSTReuseState`. In the benchmarks, 0.5 with
       ``schedule=schedules.periodic(5)`` (LookSAM) reached SAM's accuracy
       at 0.6x its gradient evaluations with noisy labels, not on clean ones.
+    reuse_window: with ``reuse``, the most steps :math:`k \ge 1` after a SAM
+      step at which a base step still reuses its direction; later base steps
+      are plain until the next SAM step. A Python int (static: under
+      ``optax.inject_hyperparams`` pass ``static_args=('reuse_window',)``).
+      ``schedules.periodic(m)`` with ``reuse_window >= m - 1`` is LookSAM
+      exactly; with a random coin it keeps long gaps from reusing a stale
+      direction. The state then holds the step of the last SAM step
+      (:class:`RSTReuseState`'s ``last_sam_step``). ``None`` (default): no
+      bound.
     adaptive: use the ASAM perturbation (element-wise scaled by
       :math:`|w| + \eta`).
     eta: ASAM's :math:`\eta \ge 0`, so that parameters at zero are perturbed
@@ -405,20 +507,22 @@ def rst(
     TypeError: when built, if ``base_tx`` is not an Optax transformation, a
       number argument is not a real number (bools and strings are not; a
       callable is allowed for ``schedule``, ``rho`` and ``lam``), ``seed`` is
-      neither an int nor a PRNG key, ``adaptive`` is not a bool or
-      ``axis_name`` not a str. In ``init``, if a leaf of the parameters is
-      complex, an integer or a PRNG key, or ``base_tx`` is a differentially
-      private aggregation (it needs per-example gradients). When ``update``
-      is traced, if ``grad_fn`` is not a callable of one positional argument
-      or is passed positionally, ``take_sam`` is not a bool, a schedule
-      returns a non-scalar, a leaf of ``params``, ``updates`` or
-      ``grad_fn``'s output is complex or an integer, or ``state`` was made by
-      an ``rst`` with (without) ``reuse`` for one without (with) it.
+      neither an int nor a PRNG key, ``adaptive`` is not a bool,
+      ``axis_name`` not a str or ``reuse_window`` not an int. In ``init``, if
+      a leaf of the parameters is complex, an integer or a PRNG key, or
+      ``base_tx`` is a differentially private aggregation (it needs
+      per-example gradients). When ``update`` is traced, if ``grad_fn`` is
+      not a callable of one positional argument or is passed positionally,
+      ``take_sam`` is not a bool, a schedule returns a non-scalar, a leaf of
+      ``params``, ``updates`` or ``grad_fn``'s output is complex or an
+      integer, or ``state`` was made by an ``rst`` with (without) ``reuse``
+      or ``reuse_window`` for one without (with) it.
     ValueError: when built, if a number is out of range or not finite
       (``schedule`` outside [0, 1], a negative ``rho`` or ``eta``, ``eps``
       below float32's smallest normal number, an int ``seed`` outside
-      int64, a negative ``reuse``), or ``perturbation`` is not ``'global'``
-      or ``'local'`` (or ``'local'`` without ``axis_name``). In ``init``, if
+      int64, a negative ``reuse``, a ``reuse_window`` below 1 or without
+      ``reuse``), or ``perturbation`` is not ``'global'`` or ``'local'``
+      (or ``'local'`` without ``axis_name``). In ``init``, if
       ``mask`` does not fit the parameters, is one bool for several leaves,
       or selects no leaf while a SAM step can be taken (a ``mask`` that is
       not bools: TypeError). When ``update`` is traced, if ``params`` or
@@ -501,6 +605,7 @@ def rst(
   rho_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'rho', rho))
   lam_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'lam', lam))
   reusing = reuse is not None and not _coin.is_python_constant(reuse, 0.0)
+  window = _check_reuse_window(reuse_window, reusing)
   alpha_fn = _coin.as_schedule(_checks.checked_schedule('rst', 'reuse', reuse))
   plain_rst = _coin.is_python_constant(lam, 1.0)
   can_take_sam = not _coin.is_python_constant(schedule, 0.0)
@@ -521,19 +626,23 @@ def rst(
         base_state=base_tx.init(params),
     )
     _check_base_tx_state(fields['base_state'])
+    # -1: no SAM step yet, so no step is within the window.
+    last_sam_step = None if window is None else jnp.full([], -1, jnp.int32)
     leaves, treedef = jax.tree.flatten(params)
     if not leaves:
       # No parameters, or optax.tree_map_params's placeholder (a node with
       # no leaves, which stands for the parameters): nothing to check, and
       # the buffer is laid out as the parameters are.
-      return (RSTReuseState(**fields, reuse_direction=params) if reusing
-              else RSTState(**fields))
+      return (RSTReuseState(**fields, reuse_direction=params,
+                            last_sam_step=last_sam_step)
+              if reusing else RSTState(**fields))
     selected = _perturbed_leaves(mask, params, can_take_sam)
     if not reusing:
       return RSTState(**fields)
     return RSTReuseState(**fields, reuse_direction=treedef.unflatten([
         jnp.zeros_like(w) if m else optax.MaskedNode()
-        for w, m in zip(leaves, selected, strict=True)]))
+        for w, m in zip(leaves, selected, strict=True)]),
+                         last_sam_step=last_sam_step)
 
   def split(params, *trees):
     """The selected leaves of each of ``trees`` (laid out like ``params``),
@@ -586,7 +695,7 @@ def rst(
       finite &= _norms.all_finite(jax.tree.leaves(g))
     return optax.tree.where(finite, direction, g)
 
-  def branches(params, grad_fn, count):
+  def branches(params, grad_fn, count, last_sam_step):
     """The SAM and base branches: ``(g, g_local, reused) -> (direction,
     reused)``, ``reused`` the reuse direction (None without ``reuse``)."""
 
@@ -605,8 +714,13 @@ def rst(
       if reused is None:
         return g, None
       (g_leaves, u_leaves), merge = split(params, g, reused)
-      return merge(g, _reuse.with_reuse(g_leaves, u_leaves,
-                                        alpha_fn(count))), reused
+      alpha = alpha_fn(count)
+      if window is not None:
+        # Outside the window alpha is 0, and with_reuse returns g itself.
+        # (count - window >= -MAX_STEP: no overflow.)
+        fresh = last_sam_step >= jnp.maximum(count - window, 0)
+        alpha = jnp.where(fresh, alpha, jnp.zeros_like(alpha))
+      return merge(g, _reuse.with_reuse(g_leaves, u_leaves, alpha)), reused
 
     return sam_branch, base_branch
 
@@ -620,7 +734,7 @@ def rst(
       **extra_args: Any,
   ) -> tuple[optax.Updates, RSTState | RSTReuseState]:
     _check_update_args(updates, params, grad_fn, take_sam, args)
-    _check_state(state, reusing)
+    _check_state(state, reusing, window is not None)
     if axis_name is not None:
       _checks.axis_name_bound('rst', axis_name)
     count = state.count
@@ -632,7 +746,8 @@ def rst(
     if take_sam is None:
       key = jax.random.wrap_key_data(state.key, impl=key_impl)
       take_sam = _coin.coin(key, count, p_schedule)
-    sam_branch, base_branch = branches(params, grad_fn, count)
+    last_sam_step = getattr(state, 'last_sam_step', None)
+    sam_branch, base_branch = branches(params, grad_fn, count, last_sam_step)
     reused = (state.reuse_direction if isinstance(state, RSTReuseState)
               else None)
     if isinstance(take_sam, (bool, np.bool_)):
@@ -640,19 +755,24 @@ def rst(
       direction, reused = branch(updates, local_updates, reused)
       sam_steps = (optax.safe_increment(state.sam_steps) if take_sam
                    else state.sam_steps)
+      if window is not None and take_sam:
+        last_sam_step = count
     else:
       take_sam = jnp.asarray(take_sam, bool)
       direction, reused = jax.lax.cond(
           take_sam, sam_branch, base_branch, updates, local_updates, reused)
       sam_steps = jnp.where(take_sam, optax.safe_increment(state.sam_steps),
                             state.sam_steps)
+      if window is not None:
+        last_sam_step = jnp.where(take_sam, count, last_sam_step)
     new_updates, base_state = base_tx.update(
         direction, state.base_state, params, **extra_args)
     fields = dict(count=optax.safe_increment(count), key=state.key,
                   sam_steps=sam_steps, base_state=base_state)
     if not reusing:
       return new_updates, RSTState(**fields)
-    return new_updates, RSTReuseState(**fields, reuse_direction=reused)
+    return new_updates, RSTReuseState(**fields, reuse_direction=reused,
+                                      last_sam_step=last_sam_step)
 
   _coin.attach_config(update_fn, schedule, seed)  # read by HostDispatch
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -6,9 +6,10 @@ Run by tests/test_checkpoint.py:
 
 For each mode (``'cond'``: the coin drawn in the graph; ``'host'``:
 :class:`rst_optax.HostDispatch`; each also with ``reuse``, whose state holds
-the reuse direction), it restores ``CKPT_DIR/<mode>`` (parameters and the
-whole optimizer state, PRNG key included), trains on to ``STEPS`` and saves
-the final parameters and state leaves as ``<mode>/<i>``.
+the reuse direction, and with ``reuse`` and ``reuse_window`` (``_window``),
+whose state also holds the last SAM step), it restores ``CKPT_DIR/<mode>``
+(parameters and the whole optimizer state, PRNG key included), trains on to
+``STEPS`` and saves the final parameters and state leaves as ``<mode>/<i>``.
 """
 
 import sys
@@ -23,20 +24,31 @@ import rst_optax
 
 STEPS = 16
 HALF = 7
-MODES = ('cond', 'host', 'cond_reuse', 'host_reuse')
+MODES = ('cond', 'host', 'cond_reuse', 'host_reuse', 'cond_window',
+         'host_window')
 SCHEDULE = rst_optax.schedules.linear(0.2, 0.9, STEPS)
+# The '_window' modes: reuse_window=1 at p = 0.25, whose steps 2 and 7 reuse
+# (1 step after a SAM step) and 3-5 and 8 do not (so the restored
+# last_sam_step decides steps 7 and 8).
+WINDOW, WINDOW_SCHEDULE = 1, 0.25
+
+
+def schedule(mode):
+  return WINDOW_SCHEDULE if mode.endswith('_window') else SCHEDULE
 
 
 def make_tx(mode='cond'):
-  return rst_optax.rst(optax.sgd(0.1, momentum=0.9), schedule=SCHEDULE,
+  return rst_optax.rst(optax.sgd(0.1, momentum=0.9), schedule=schedule(mode),
                        rho=prob.RHO, lam=prob.LAM, seed=prob.SEED,
-                       reuse=0.7 if mode.endswith('_reuse') else None)
+                       reuse=None if mode in ('cond', 'host') else 0.7,
+                       reuse_window=WINDOW if mode.endswith('_window')
+                       else None)
 
 
 def make_trainer(tx, mode, start):
   """A ``step(params, state, t)`` that runs training step ``t``."""
   x, y = prob.make_data(STEPS)
-  mode = mode.removesuffix('_reuse')
+  mode = mode.split('_')[0]
 
   def train_step(params, state, xb, yb, take_sam=None):
     return prob.global_step(tx, params, state, xb, yb, take_sam=take_sam)

@@ -63,15 +63,16 @@ def test_checkpoint_is_mid_run_and_both_halves_take_both_branches(runs):
   include both branches, so a resumed coin that drew differently would
   change the result."""
   _, saved, _ = runs
-  decisions = rst_optax.decisions(worker.SCHEDULE, prob.SEED, 0, worker.STEPS)
-  for state in saved.values():
+  for mode, state in saved.items():
+    decisions = rst_optax.decisions(worker.schedule(mode), prob.SEED, 0,
+                                    worker.STEPS)
     assert int(state.count) == worker.HALF
     assert int(state.sam_steps) == decisions[:worker.HALF].sum()
-  for half in (decisions[:worker.HALF], decisions[worker.HALF:]):
-    assert 0 < half.sum() < len(half)
+    for half in (decisions[:worker.HALF], decisions[worker.HALF:]):
+      assert 0 < half.sum() < len(half)
 
 
-@pytest.mark.parametrize('suffix', ['', '_reuse'])
+@pytest.mark.parametrize('suffix', ['', '_reuse', '_window'])
 def test_both_modes_end_in_the_same_state(runs, suffix):
   uninterrupted, _, _ = runs
   cond, host = (list(uninterrupted[mode + suffix].values())
@@ -107,6 +108,26 @@ def test_the_reuse_direction_is_saved_and_restored(runs):
              for leaf in jax.tree.leaves(state.reuse_direction))
 
 
+def test_the_last_sam_step_is_saved_and_decides_the_steps_after_resuming(
+    runs):
+  """With ``reuse_window``: the state holds the last SAM step, and the steps
+  after the checkpoint are ones that it decides (step HALF reuses, one step
+  after a SAM step, and the next one does not), so a resumed run that lost
+  it would differ (test_resumed_run_is_bit_identical_to_uninterrupted)."""
+  _, saved, _ = runs
+  decisions = rst_optax.decisions(worker.WINDOW_SCHEDULE, prob.SEED, 0,
+                                  worker.STEPS)
+  last = np.flatnonzero(decisions[:worker.HALF])[-1]
+  assert worker.HALF - last == worker.WINDOW
+  assert not decisions[worker.HALF] and not decisions[worker.HALF + 1]
+  for mode in ('cond_window', 'host_window'):
+    state = saved[mode]
+    assert state.last_sam_step.dtype == np.int32
+    assert int(state.last_sam_step) == last
+    assert any(np.any(np.asarray(leaf) != 0)
+               for leaf in jax.tree.leaves(state.reuse_direction))
+
+
 OLD_CHECKPOINT = pathlib.Path(__file__).with_name('data') / 'checkpoint_v0_2'
 
 
@@ -128,4 +149,30 @@ def test_a_checkpoint_written_by_version_0_2_restores_and_resumes(runs):
   got = worker.flat_leaves('cond', params, state)
   assert got.keys() == uninterrupted['cond'].keys()
   for key, value in uninterrupted['cond'].items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+OLD_REUSE_CHECKPOINT = OLD_CHECKPOINT.with_name('checkpoint_v0_2_reuse')
+
+
+def test_a_reuse_checkpoint_written_before_reuse_window_resumes(runs):
+  """``tests/data/checkpoint_v0_2_reuse`` was written by rst_optax at commit
+  c109114 (``reuse`` without ``reuse_window``, RSTReuseState of five fields):
+  the 'cond_reuse' run of this module at step HALF. It restores into
+  today's ``rst(reuse=...)`` and trains on to the same bits as today's run."""
+  uninterrupted, _, _ = runs
+  tx = worker.make_tx('cond_reuse')
+  template = worker.checkpoint_tree(prob.make_params(),
+                                    tx.init(prob.make_params()))
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(OLD_REUSE_CHECKPOINT.resolve(), template)
+  params, state = restored['params'], restored['opt_state']
+  assert type(state) is rst_optax.RSTReuseState
+  assert state.last_sam_step is None and int(state.count) == worker.HALF
+  step = worker.make_trainer(tx, 'cond_reuse', start=worker.HALF)
+  for t in range(worker.HALF, worker.STEPS):
+    params, state = step(params, state, t)
+  got = worker.flat_leaves('cond_reuse', params, state)
+  assert got.keys() == uninterrupted['cond_reuse'].keys()
+  for key, value in uninterrupted['cond_reuse'].items():
     np.testing.assert_array_equal(got[key], value, err_msg=key)

@@ -1,0 +1,375 @@
+"""`rst(..., reuse=alpha, reuse_window=k)`: reuse only near a SAM step.
+
+A base step at step ``t`` reuses the stored direction only if the last SAM
+step ``s`` was at most ``k`` steps before, ``t - s <= k``; otherwise it is
+the plain step. The checkpoint and multi-device cases are in
+tests/test_checkpoint.py and tests/test_sharding.py (their workers).
+"""
+
+import collections
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import make_problem
+
+import rst_optax
+from rst_optax import schedules
+
+RHO, ALPHA, LR = 0.1, 0.7, 0.05
+MAX = int(np.iinfo(np.int32).max)
+
+
+def reuses(plan, window):
+  """Which steps of ``plan`` reuse: base steps at most ``window`` steps after
+  the last SAM step (all base steps after the first SAM step for None)."""
+  out, last = [], None
+  for t, take in enumerate(plan):
+    out.append(not take and last is not None
+               and (window is None or t - last <= window))
+    if take:
+      last = t
+  return np.array(out)
+
+
+def looksam_by_hand(params, loss_fn, plan, window, alpha=ALPHA, lam=1.0):
+  """LookSAM written out, with SGD and momentum: SAM on the steps of
+  ``plan``, and reuse on the base steps that ``reuses`` selects."""
+  base = optax.sgd(LR, momentum=0.9)
+  grad = jax.grad(loss_fn)
+  state, g_v = base.init(params), None
+  for take, reuse in zip(plan, reuses(plan, window), strict=True):
+    g = grad(params)
+    if take:
+      e = optax.tree.scale(RHO / (optax.tree.norm(g) + 1e-12), g)
+      g_s = grad(optax.tree.add(params, e))
+      d = optax.tree.add_scale(g, lam, optax.tree.sub(g_s, g))
+      g_v = optax.tree.add_scale(
+          d, -optax.tree.vdot(d, g) / optax.tree.vdot(g, g), g)
+    elif reuse:
+      d = optax.tree.add_scale(
+          g, alpha * optax.tree.norm(g) / optax.tree.norm(g_v), g_v)
+    else:
+      d = g
+    updates, state = base.update(d, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def train(tx, params, loss_fn, steps):
+  """``steps`` jitted steps of ``tx`` (the coin in the graph); the final
+  parameters and state."""
+  grad = jax.grad(loss_fn)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(grad(params), state, params, grad_fn=grad)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def sgdm(schedule, **kwargs):
+  return rst_optax.rst(optax.sgd(LR, momentum=0.9), schedule, RHO,
+                       reuse=ALPHA, **kwargs)
+
+
+@pytest.mark.parametrize('schedule, window, lam', [
+    (0.2, 2, 1.0),  # the coin: gaps of up to 12 steps
+    (0.2, 2, 2.0),  # G-RST: the mixed direction is reused
+    (schedules.periodic(5), 2, 1.0),  # periodic, with a window below k - 1
+])
+def test_window_is_looksam_by_hand_over_60_steps(problem, schedule, window,
+                                                 lam):
+  params, loss_fn = problem
+  plan = rst_optax.decisions(schedule, 0, 0, 60)
+  within = reuses(plan, window)
+  # Base steps just inside and just outside the window, and after it.
+  since = np.array([t - max(np.flatnonzero(plan[:t]), default=t)
+                    for t in range(60)])
+  assert (within & (since == window)).any()
+  assert (~plan & (since == window + 1)).any()
+  assert within.sum() < reuses(plan, None).sum()
+  tx = sgdm(schedule, lam=lam, reuse_window=window)
+  got, state = train(tx, params, loss_fn, 60)
+  want = looksam_by_hand(params, loss_fn, plan, window, lam=lam)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+  assert int(state.sam_steps) == plan.sum()
+  assert int(state.last_sam_step) == np.flatnonzero(plan)[-1]
+  # The window matters: the unbounded reference ends elsewhere.
+  unbounded = looksam_by_hand(params, loss_fn, plan, None, lam=lam)
+  assert not np.allclose(unbounded['w'], got['w'], rtol=1e-3)
+
+
+@pytest.mark.parametrize('window', [4, 5, 100, 2**40])
+def test_periodic_with_a_window_of_k_minus_1_or_more_is_looksam_exactly(
+    problem, window):
+  params, loss_fn = problem
+  schedule = schedules.periodic(5)
+  looksam, _ = train(sgdm(schedule), params, loss_fn, 50)
+  got, state = train(sgdm(schedule, reuse_window=window), params, loss_fn, 50)
+  chex.assert_trees_all_equal(got, looksam)
+  assert state.last_sam_step.dtype == jnp.int32
+
+
+def test_periodic_with_a_window_of_k_minus_2_is_not_looksam(problem):
+  params, loss_fn = problem
+  schedule = schedules.periodic(5)
+  looksam, _ = train(sgdm(schedule), params, loss_fn, 50)
+  got, _ = train(sgdm(schedule, reuse_window=3), params, loss_fn, 50)
+  assert not np.allclose(got['w'], looksam['w'], rtol=1e-3)
+
+
+def step_once(tx, state, params, g, take_sam, grad_fn):
+  return jax.jit(lambda s, g: tx.update(g, s, params, grad_fn=grad_fn,
+                                        take_sam=take_sam))(state, g)
+
+
+def assert_same_bits(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype == np.float32
+    np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))
+
+
+@pytest.mark.parametrize('static', [True, False])
+def test_outside_the_window_the_base_step_is_g_itself(problem, static):
+  """Step by step, with an identity base: the window counts from the last
+  SAM step; outside it the direction is g bit for bit (negative zeros too),
+  and the buffer is kept for the next SAM step's window."""
+  params, loss_fn = problem
+  grad_fn = jax.grad(loss_fn)
+  tx = rst_optax.rst(optax.identity(), 0.5, RHO, reuse=ALPHA, reuse_window=2)
+  state = tx.init(params)
+  assert int(state.last_sam_step) == -1
+  g = jax.tree.map(lambda x: jnp.where(
+      jnp.arange(x.size).reshape(x.shape) % 2, -0.0, 0.25).astype(x.dtype),
+                   params)  # negative zeros, which g + 0 u would lose
+  plan = [False, True, False, False, False, False, True, False]
+  for t, take in enumerate(plan):
+    d, new = step_once(tx, state, params, g, take if static else
+                       jnp.asarray(take), grad_fn)
+    if take:
+      assert int(new.last_sam_step) == t
+    else:
+      assert int(new.last_sam_step) == int(state.last_sam_step)
+      chex.assert_trees_all_equal(new.reuse_direction, state.reuse_direction)
+      if t in (2, 3, 7):  # 1, 2 and 1 steps after a SAM step
+        want = optax.tree.add_scale(g, ALPHA * optax.tree.norm(g),
+                                    state.reuse_direction)
+        chex.assert_trees_all_close(d, want, rtol=1e-6)
+        assert not np.allclose(d['w'], g['w'])
+      else:  # before the first SAM step, or 3 and 4 steps after one
+        assert_same_bits(d, g)
+    state = new
+
+
+def test_the_window_survives_the_int32_limit_of_the_step_count(problem):
+  """``count`` stops at the int32 maximum: ``t - last_sam_step`` must not
+  wrap around (a state with no SAM step yet stays outside the window)."""
+  params, loss_fn = problem
+  grad_fn = jax.grad(loss_fn)
+  g = grad_fn(params)
+  for window in (2, 2**40):
+    tx = rst_optax.rst(optax.identity(), 0.5, RHO, reuse=ALPHA,
+                       reuse_window=window)
+    _, after_sam = step_once(tx, tx.init(params), params, g, True, grad_fn)
+    u = after_sam.reuse_direction
+    never = after_sam._replace(count=jnp.int32(MAX),
+                               last_sam_step=jnp.int32(-1))
+    d, _ = step_once(tx, never, params, g, False, grad_fn)
+    assert_same_bits(d, g)
+    recent = never._replace(last_sam_step=jnp.int32(MAX - 2))
+    d, _ = step_once(tx, recent, params, g, False, grad_fn)
+    chex.assert_trees_all_close(
+        d, optax.tree.add_scale(g, ALPHA * optax.tree.norm(g), u), rtol=1e-6)
+    old = never._replace(last_sam_step=jnp.int32(0))
+    d, _ = step_once(tx, old, params, g, False, grad_fn)
+    if window == 2:
+      assert_same_bits(d, g)
+    else:  # a window beyond the last step bounds nothing
+      assert not np.allclose(d['w'], g['w'])
+    # A SAM step at the limit stores the limit.
+    _, state = step_once(tx, never, params, g, True, grad_fn)
+    assert int(state.count) == int(state.last_sam_step) == MAX
+
+
+def run_cond_and_host(tx, params, loss_fn, steps=40):
+  grad = jax.grad(loss_fn)
+
+  def train_step(params, state, take_sam=None):
+    updates, state = tx.update(grad(params), state, params, grad_fn=grad,
+                               take_sam=take_sam)
+    return optax.apply_updates(params, updates), state
+
+  cond_step, host_step = jax.jit(train_step), rst_optax.HostDispatch(
+      train_step, tx, check_every=5)
+  cond = host = (params, tx.init(params))
+  lasts = []
+  for _ in range(steps):
+    cond = cond_step(*cond)
+    host = host_step(*host)
+    lasts.append((cond[1].last_sam_step, host[1].last_sam_step))
+  return cond, host, np.array(lasts)
+
+
+def test_host_dispatch_and_cond_take_the_same_decisions_and_bits():
+  params, loss_fn = make_problem()
+  tx = sgdm(0.25, seed=2, reuse_window=2)
+  plan = rst_optax.decisions(0.25, 2, 0, 40)
+  cond, host, lasts = run_cond_and_host(tx, params, loss_fn)
+  chex.assert_trees_all_equal(cond, host)
+  want = [max(np.flatnonzero(plan[:t + 1]), default=-1) for t in range(40)]
+  np.testing.assert_array_equal(lasts, np.stack([want, want], 1))
+  # The window bounds something here, and it changes the run.
+  assert reuses(plan, 2).sum() < reuses(plan, None).sum()
+  unbounded, _, _ = run_cond_and_host(sgdm(0.25, seed=2), params, loss_fn)
+  assert not np.allclose(unbounded[0]['w'], cond[0]['w'], rtol=1e-3)
+
+
+def test_mask_reuses_on_the_selected_leaves_within_the_window_only():
+  params, loss_fn = make_problem()
+  params = params | {'v': jnp.array([0.4, -0.2])}
+  full_loss = lambda p: loss_fn({'w': p['w'], 'b': p['b']}) + jnp.sum(
+      jnp.sin(p['v'] * p['w'][:2]))
+  grad_fn = jax.grad(full_loss)
+  tx = rst_optax.rst(optax.identity(), 0.5, RHO, reuse=ALPHA, reuse_window=1,
+                     mask={'w': True, 'b': False, 'v': True})
+  g = grad_fn(params)
+  _, state = step_once(tx, tx.init(params), params, g, True, grad_fn)
+  assert isinstance(state.reuse_direction['b'], optax.MaskedNode)
+  sel = lambda t: {'w': t['w'], 'v': t['v']}
+  d, state = step_once(tx, state, params, g, False, grad_fn)  # 1 step after
+  want = optax.tree.add_scale(sel(g), ALPHA * optax.tree.norm(sel(g)),
+                              sel(state.reuse_direction))
+  chex.assert_trees_all_close(sel(d), want, rtol=1e-6)
+  chex.assert_trees_all_equal(d['b'], g['b'])
+  d, _ = step_once(tx, state, params, g, False, grad_fn)  # 2 steps after
+  assert_same_bits(d, g)
+
+
+def test_inject_hyperparams_injects_reuse_with_a_static_window(problem):
+  params, loss_fn = problem
+  grad_fn = jax.grad(loss_fn)
+  tx = optax.inject_hyperparams(rst_optax.rst, static_args=('reuse_window',))(
+      optax.identity(), schedule=0.5, rho=RHO, reuse=ALPHA, reuse_window=1)
+  state = tx.init(params)
+  assert int(state.inner_state.last_sam_step) == -1
+  g = grad_fn(params)
+  update = jax.jit(lambda s, take: tx.update(g, s, params, grad_fn=grad_fn,
+                                             take_sam=take))
+  _, state = update(state, jnp.asarray(True))
+  state.hyperparams['reuse'] = jnp.asarray(1.5)
+  d, state = update(state, jnp.asarray(False))
+  want = optax.tree.add_scale(g, 1.5 * optax.tree.norm(g),
+                              state.inner_state.reuse_direction)
+  chex.assert_trees_all_close(d, want, rtol=1e-6)
+  d, _ = update(state, jnp.asarray(False))
+  assert_same_bits(d, g)
+
+
+def test_inject_hyperparams_without_static_window_is_refused_with_the_fix():
+  with pytest.raises(TypeError, match=r"static_args=\('reuse_window',\)"):
+    optax.inject_hyperparams(rst_optax.rst)(
+        optax.identity(), schedule=0.5, rho=RHO, reuse=ALPHA,
+        reuse_window=2).init({'w': jnp.zeros(3)})
+
+
+def test_without_a_window_the_state_is_that_of_before(problem):
+  """``last_sam_step`` is None and no node at all: the pytree, key paths
+  included, is the five-field one that checkpoints of before hold."""
+  params, _ = problem
+  state = sgdm(0.5).init(params)
+  assert state.last_sam_step is None
+  # The state of before: a plain NamedTuple of the first five fields.
+  before = collections.namedtuple('RSTReuseState',
+                                  rst_optax.RSTReuseState._fields[:5])
+  old = before(*state[:5])
+  paths = lambda tree: [p for p, _ in
+                        jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert paths(state) == paths(old)
+  assert jax.tree.structure(state).num_nodes == jax.tree.structure(
+      old).num_nodes
+  chex.assert_trees_all_equal(jax.tree.leaves(state), jax.tree.leaves(old))
+  windowed = sgdm(0.5, reuse_window=3).init(params)
+  assert len(jax.tree.leaves(windowed)) == len(jax.tree.leaves(state)) + 1
+  assert jax.tree_util.tree_flatten_with_path(windowed)[0][-1][0] == (
+      jax.tree_util.GetAttrKey('last_sam_step'),)
+  round_trip = jax.tree.unflatten(jax.tree.structure(windowed),
+                                  jax.tree.leaves(windowed))
+  assert int(round_trip.last_sam_step) == -1
+
+
+@pytest.mark.parametrize('window', [None, 3])
+def test_a_tree_of_nones_mapped_from_the_state_matches_it(problem, window):
+  """``jax.tree.map(lambda x: None, state)`` (Orbax builds its save
+  arguments so) keeps the state's structure, ``last_sam_step`` included,
+  and serves as a second tree of a map over the state."""
+  params, _ = problem
+  state = sgdm(0.5, reuse_window=window).init(params)
+  nones = jax.tree.map(lambda x: None, state)
+  pairs = jax.tree.map(lambda x, n: (x, n), state, nones)
+  assert pairs.last_sam_step == (None if window is None else (
+      state.last_sam_step, None))
+  assert repr(nones.last_sam_step) == 'None'
+  assert jax.tree.structure(nones, is_leaf=lambda x: x is None) == (
+      jax.tree.structure(state))
+
+
+def test_a_state_with_or_without_a_window_is_refused_by_the_other(problem):
+  params, loss_fn = problem
+  g = jax.grad(loss_fn)(params)
+  windowed, plain = sgdm(0.5, reuse_window=2), sgdm(0.5)
+  for tx, other in ((windowed, plain), (plain, windowed)):
+    with pytest.raises(TypeError, match=r'rst: `state` was made by an rst '
+                       r'with(out)? `reuse_window`'):
+      tx.update(g, other.init(params), params, grad_fn=jax.grad(loss_fn))
+  # The way the message gives to add a window to a state made without one.
+  state = plain.init(params)._replace(last_sam_step=jnp.int32(-1))
+  windowed.update(g, state, params, grad_fn=jax.grad(loss_fn))
+
+
+@pytest.mark.parametrize('window', [1, 3, np.int32(2), np.int64(7)])
+def test_python_and_numpy_ints_are_accepted(window):
+  rst_optax.rst(optax.sgd(LR), 0.5, RHO, reuse=ALPHA, reuse_window=window)
+
+
+@pytest.mark.parametrize('window, error, match', [
+    (0, ValueError, r'rst: `reuse_window` must be None .*or a Python int >= 1'
+     r'.*; got 0\.'),
+    (-3, ValueError, r'rst: `reuse_window` must be .*; got -3\.'),
+    (2.0, TypeError, r'rst: `reuse_window` must be None \(no bound\) or a '
+     r'Python int >= 1'),
+    (True, TypeError, r'rst: `reuse_window` must be .*; got True\.'),
+    (np.bool_(True), TypeError, r'rst: `reuse_window`'),
+    ('3', TypeError, r'rst: `reuse_window`'),
+    (jnp.asarray(3), TypeError, r"`reuse_window`.*static_args"),
+])
+def test_bad_reuse_window_is_refused(window, error, match):
+  with pytest.raises(error, match=match):
+    rst_optax.rst(optax.sgd(LR), 0.5, RHO, reuse=ALPHA, reuse_window=window)
+
+
+@pytest.mark.parametrize('reuse', [None, 0, 0.0])
+def test_a_window_without_reuse_is_refused(reuse):
+  with pytest.raises(ValueError, match=r'rst: `reuse_window` bounds the reuse '
+                     r'of `reuse`, which is None or 0 here'):
+    rst_optax.rst(optax.sgd(LR), 0.5, RHO, reuse=reuse, reuse_window=2)
+
+
+def test_tree_map_params_maps_the_buffer_and_leaves_the_last_sam_step():
+  params, _ = make_problem()
+  tx = rst_optax.rst(optax.adam(1e-3), 0.5, RHO, reuse=ALPHA, reuse_window=2,
+                     mask={'w': True, 'b': False})
+  state = tx.init(params)
+  mapped = optax.tree_map_params(tx, lambda x: jnp.full_like(x, 7.0), state)
+  np.testing.assert_array_equal(mapped.reuse_direction['w'],
+                                np.full(params['w'].shape, 7.0))
+  assert isinstance(mapped.reuse_direction['b'], optax.MaskedNode)
+  assert int(mapped.last_sam_step) == -1 and int(mapped.count) == 0

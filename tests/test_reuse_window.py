@@ -341,15 +341,19 @@ def test_python_and_numpy_ints_are_accepted(window):
 
 
 @pytest.mark.parametrize('window, error, match', [
-    (0, ValueError, r'rst: `reuse_window` must be None .*or a Python int >= 1'
-     r'.*; got 0\.'),
-    (-3, ValueError, r'rst: `reuse_window` must be .*; got -3\.'),
-    (2.0, TypeError, r'rst: `reuse_window` must be None \(no bound\) or a '
-     r'Python int >= 1'),
-    (True, TypeError, r'rst: `reuse_window` must be .*; got True\.'),
-    (np.bool_(True), TypeError, r'rst: `reuse_window`'),
-    ('3', TypeError, r'rst: `reuse_window`'),
-    (jnp.asarray(3), TypeError, r"`reuse_window`.*static_args"),
+    pytest.param(0, ValueError, r'rst: `reuse_window` must be None .*or a '
+                 r'Python int >= 1.*; got 0\.', id='zero'),
+    pytest.param(-3, ValueError, r'rst: `reuse_window` must be .*; got -3\.',
+                 id='negative'),
+    pytest.param(2.0, TypeError, r'rst: `reuse_window` must be None \(no '
+                 r'bound\) or a Python int >= 1', id='float'),
+    pytest.param(True, TypeError, r'rst: `reuse_window` must be .*; got '
+                 r'True\.', id='bool'),
+    pytest.param(np.bool_(True), TypeError, r'rst: `reuse_window`',
+                 id='numpy-bool'),
+    pytest.param('3', TypeError, r'rst: `reuse_window`', id='str'),
+    pytest.param(jnp.asarray(3), TypeError, r"`reuse_window`.*static_args",
+                 id='array'),
 ])
 def test_bad_reuse_window_is_refused(window, error, match):
   with pytest.raises(error, match=match):

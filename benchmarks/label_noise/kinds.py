@@ -23,8 +23,9 @@ The kinds:
 - ``reuse``: constant p, lam = 1, ``rst(..., reuse=alpha)``: base steps reuse
   the direction of the last SAM step (LookSAM's update on RST's coin);
 - ``reuse_fresh``: the same, but a base step reuses only while the last SAM
-  step is at most k = 1 / p steps old (the staleness bound; alpha is 0 on
-  the other steps, decided on the host from the plan);
+  step is at most k = 1 / p steps old (the staleness bound,
+  ``rst(..., reuse_window=k)``; before that option, alpha was set to 0 on
+  the other steps on the host, with ``fresh_mask``: the same bits);
 - ``looksam``: a SAM step every k = 1 / p steps, lam = 1, with reuse
   (LookSAM: ``schedules.periodic(k)`` and ``reuse=alpha``).
 
@@ -149,7 +150,8 @@ def grid_of(config: Config, rhos, alphas=(0.0,)):
 
 def fresh_mask(plan, bound: int):
   """Which steps of ``plan`` (a bool array of SAM steps) follow a SAM step by
-  at most ``bound`` steps: where ``reuse_fresh`` reuses the direction."""
+  at most ``bound`` steps: where ``reuse_fresh`` reuses the direction (what
+  ``rst(..., reuse_window=bound)`` computes in its graph)."""
   import numpy as np
   plan = np.asarray(plan, bool)
   steps = np.arange(len(plan))

@@ -61,20 +61,23 @@ def build_trainer(graphdef, total_steps, lr):
     logits = nnx.merge(graphdef, params)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  def make_tx(schedule, rho, lam, seed, alpha=0.0):
+  def make_tx(schedule, rho, lam, seed, alpha=0.0, window=None):
     return rst_optax.rst(base, schedule, rho=rho, lam=lam, seed=seed,
-                         reuse=alpha)
+                         reuse=alpha, reuse_window=window)
 
-  @functools.partial(jax.jit, static_argnames=('take_sam', 'reusing'))
+  @functools.partial(jax.jit,
+                     static_argnames=('take_sam', 'reusing', 'window'))
   def train_step(params, opt_state, rho, lam, alpha, x, y, idx, take_sam,
-                 reusing):
+                 reusing, window=None):
     xb, yb = x[idx], y[idx]
     loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)
     # The branch is the static take_sam, decided on the host from the run's
     # schedule and seed, so the schedule given here is never drawn; rho, lam
     # and alpha are traced, so every run shares this step's two executables
-    # (two more for the kinds with reuse, whose state holds the direction).
-    tx = make_tx(1.0, rho, lam, 0, alpha if reusing else 0.0)
+    # (two more for the kinds with reuse, whose state holds the direction,
+    # and two more per reuse window).
+    tx = make_tx(1.0, rho, lam, 0, alpha if reusing else 0.0,
+                 window if reusing else None)
     updates, opt_state = tx.update(
         grads, opt_state, params, take_sam=take_sam,
         grad_fn=lambda w: jax.grad(loss_fn)(w, xb, yb))
@@ -95,20 +98,18 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
 
   ``alpha``: the reuse strength (0: none). ``fresh``: if given, an int k:
   base steps reuse only while the last SAM step is at most k steps old
-  (alpha is passed as 0 on the others).
+  (``rst(..., reuse_window=k)``).
   """
   import jax
   import jax.numpy as jnp
 
   import rst_optax
   make_tx, train_step, evaluate, _ = trainer
-  tx = make_tx(schedule, rho, lam, seed, alpha)
+  window = fresh if alpha else None
+  tx = make_tx(schedule, rho, lam, seed, alpha, window)
   opt_state = tx.init(params0)
   plan = rst_optax.decisions(schedule, seed, 0, total_steps)
-  alphas = np.full(total_steps, alpha, np.float32)
-  if fresh is not None:
-    alphas = np.where(kinds.fresh_mask(plan, fresh), alphas, 0).astype(
-        np.float32)
+  alpha_a = np.float32(alpha)
   x, y = jnp.asarray(data['x']), jnp.asarray(y_train)
   rho_a, lam_a = np.float32(rho), np.float32(lam)
   params, t, wall, status, history = params0, 0, 0.0, 'ok', []
@@ -116,8 +117,8 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
     start = time.perf_counter()
     for idx in order:
       params, opt_state, loss = train_step(
-          params, opt_state, rho_a, lam_a, alphas[t], x, y, idx,
-          take_sam=bool(plan[t]), reusing=bool(alpha))
+          params, opt_state, rho_a, lam_a, alpha_a, x, y, idx,
+          take_sam=bool(plan[t]), reusing=bool(alpha), window=window)
       t += 1
     loss = float(loss)  # waits for the epoch
     history.append(loss)
@@ -154,20 +155,24 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
   return record, final
 
 
-def warm_up(trainer, params0, data, y_train, batch, reuse=False):
+def warm_up(trainer, params0, data, y_train, batch, reuse=False,
+            windows=()):
   """Compiles both branches of the train step outside the timed loops (and
-  those of the step with reuse, if ``reuse``)."""
+  those of the step with reuse, if ``reuse``, and with each reuse window of
+  ``windows``)."""
   import jax
   make_tx, train_step, evaluate, _ = trainer
   idx = np.arange(batch, dtype=np.int32)
-  for alpha in (0.0, 0.5) if reuse else (0.0,):
-    opt_state = make_tx(0.5, 0.05, 1.0, 0, alpha).init(params0)
+  variants = [(0.0, None)] + ([(0.5, None)] if reuse else []) + [
+      (0.5, k) for k in windows]
+  for alpha, window in variants:
+    opt_state = make_tx(0.5, 0.05, 1.0, 0, alpha, window).init(params0)
     for take_sam in (False, True):
       jax.block_until_ready(train_step(
           params0, opt_state, np.float32(0.05), np.float32(1.0),
           np.float32(alpha), jax.numpy.asarray(data['x']),
           jax.numpy.asarray(y_train), idx, take_sam=take_sam,
-          reusing=bool(alpha)))
+          reusing=bool(alpha), window=window))
 
 
 def run_job(args, noise, seed):
@@ -193,7 +198,9 @@ def run_job(args, noise, seed):
   params0 = jax.tree.map(jax.numpy.asarray, params0)
   trainer = build_trainer(graphdef, total_steps, args.lr)
   warm_up(trainer, params0, data, y_train, batch,
-          reuse=any(kinds.KINDS[k].reuse for k in args.kinds))
+          reuse=any(kinds.KINDS[k].reuse for k in args.kinds),
+          windows=sorted({c.k for c in kinds.make_configs(args)
+                          if kinds.spec(c.kind).fresh}))
   rng = np.random.default_rng(seed)  # the data order of every run
   orders = [rng.permutation(n_train)[:steps_per_epoch * batch].reshape(
       steps_per_epoch, batch).astype(np.int32) for _ in range(args.epochs)]

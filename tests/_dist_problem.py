@@ -52,8 +52,8 @@ def loss_fn(params, x, y):
 grad = jax.grad(loss_fn)
 
 
-def make_tx(**kwargs):
-  return rst_optax.rst(optax.sgd(0.1, momentum=0.9), schedule=SCHEDULE,
+def make_tx(schedule=SCHEDULE, **kwargs):
+  return rst_optax.rst(optax.sgd(0.1, momentum=0.9), schedule=schedule,
                        rho=RHO, lam=LAM, seed=SEED, **kwargs)
 
 
@@ -71,12 +71,13 @@ def took_sam(old_state, new_state):
 
 
 @functools.cache
-def run_single_device(steps=STEPS, reuse=None):
+def run_single_device(steps=STEPS, reuse=None, **kwargs):
   """The reference: the jitted step on one device; (params, per-step flags).
 
   Cached, so the test modules that compare against it share one run.
+  ``kwargs`` go to ``make_tx``.
   """
-  tx = make_tx(reuse=reuse)
+  tx = make_tx(reuse=reuse, **kwargs)
   x, y = make_data(steps)
   params = make_params()
   state = tx.init(params)

@@ -21,6 +21,9 @@ its final parameters and the branch each device took at each step:
 - ``jit_data_reuse``, ``smap_global_reuse``, ``smap_local_reuse``: the
   same as ``jit_data`` and ``smap_*`` with ``reuse=REUSE``; the shard_map
   runs also save each device's reuse direction (``NAME/buffers/KEY``).
+- ``smap_global_reuse_window``: ``smap_global_reuse`` with ``reuse_window=
+  WINDOW`` at p = ``WINDOW_SCHEDULE``, where the window bounds some steps;
+  it also saves each device's last SAM step (``NAME/last_sam_step``).
 
 Every run saves ``NAME/params/KEY`` (the final parameters), ``NAME/replicas/
 KEY`` (each device's own copy, stacked on a leading axis) and ``NAME/flags``
@@ -40,6 +43,7 @@ import rst_optax
 
 N_DEVICES = 8
 REUSE = 0.7
+WINDOW, WINDOW_SCHEDULE = 1, 0.25
 
 
 def _record(results, name, params, replicas, flags):
@@ -106,7 +110,8 @@ def run_shard_map(results, name, mesh, perturbation, tx=None,
     params, state, took = per_device_step(tx, perturbation, params, state,
                                           xb, yb, take_sam)
     stacked = jax.tree.map(lambda a: a[None], (
-        params, getattr(state, 'reuse_direction', {})))
+        params, getattr(state, 'reuse_direction', {}),
+        getattr(state, 'last_sam_step', None)))
     return params, state, stacked, took[None]
 
   step = jax.jit(jax.shard_map(
@@ -116,11 +121,14 @@ def run_shard_map(results, name, mesh, perturbation, tx=None,
   state = tx.init(params)
   flags = []
   for t in range(prob.STEPS):
-    params, state, (replicas, buffers), took = step(params, state, x[t], y[t])
+    params, state, (replicas, buffers, last), took = step(params, state,
+                                                          x[t], y[t])
     flags.append(np.asarray(took))
   _record(results, name, params, replicas, flags)
   for key, value in buffers.items():
     results[f'{name}/buffers/{key}'] = np.asarray(value)
+  if last is not None:
+    results[f'{name}/last_sam_step'] = np.asarray(last)
 
 
 def run_pmap(results, name):
@@ -175,6 +183,9 @@ def main(out_path):
                                reuse=REUSE))
   run_jit(results, 'jit_data_reuse', jax.make_mesh((N_DEVICES,), ('data',)),
           replicated, REUSE)
+  run_shard_map(results, 'smap_global_reuse_window', data, 'global',
+                prob.make_tx(WINDOW_SCHEDULE, axis_name='data', reuse=REUSE,
+                             reuse_window=WINDOW))
   if hasattr(jax, 'pmap'):
     run_pmap(results, 'pmap_global')
   run_local_static_and_cond(results)

@@ -264,3 +264,33 @@ def test_vmap_axis_name_takes_the_coin_and_matches_the_references(
     want, _ = prob.run_single_device(reuse=reuse)
   for key in want:
     np.testing.assert_allclose(params[key], want[key], **TOL, err_msg=key)
+
+
+def test_reuse_window_across_devices_equals_one_device(sharded):
+  """With ``reuse_window`` under ``shard_map``: every device takes the coin's
+  branches and keeps the same last SAM step and buffer, and the run equals
+  one device with the same window (which differs from no window here)."""
+  name = 'smap_global_reuse_window'
+  schedule, window = 0.25, 1  # as in _sharded_worker
+  plan = rst_optax.decisions(schedule, prob.SEED, 0, prob.STEPS)
+  last = np.flatnonzero(plan)
+  stale = [t for t in range(prob.STEPS) if not plan[t] and last[last < t].size
+           and t - last[last < t][-1] > window]
+  assert stale  # the window bounds some base steps
+  flags = sharded[f'{name}/flags']
+  for device in range(N_DEVICES):
+    np.testing.assert_array_equal(flags[:, device], plan)
+  np.testing.assert_array_equal(sharded[f'{name}/last_sam_step'],
+                                np.full(N_DEVICES, last[-1]))
+  for key in prob.make_params():
+    for kind in ('buffers', 'replicas'):
+      stacked = sharded[f'{name}/{kind}/{key}']
+      for device in range(1, N_DEVICES):
+        np.testing.assert_array_equal(stacked[device], stacked[0])
+  want, _ = prob.run_single_device(reuse=REUSE, reuse_window=window,
+                                   schedule=schedule)
+  got = params_of(sharded, name)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], **TOL, err_msg=key)
+  unbounded, _ = prob.run_single_device(reuse=REUSE, schedule=schedule)
+  assert not np.allclose(want['w1'], unbounded['w1'], **TOL)

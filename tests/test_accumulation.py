@@ -290,8 +290,8 @@ def test_multisteps_with_reuse_keeps_u_of_the_last_micro_batch():
           _sam_direction(start, full_g, x[t], y[t]), full_g)
       assert float(optax.tree.vdot(u, u_full)) < 0.9  # mostly noise
     if t == 2:
-      want = jax.tree.map(lambda a, b: -LR * (a + ALPHA * optax.tree.norm(g)
-                                              * b), g, u)
+      want = optax.tree.scale(
+          -LR, optax.tree.add_scale(g, ALPHA * optax.tree.norm(g), u))
       for key in want:
         np.testing.assert_allclose(updates[key], want[key], rtol=1e-4,
                                    atol=1e-7)

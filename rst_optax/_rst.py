@@ -247,8 +247,10 @@ def _check_reuse_direction(buffer: Any, params: optax.Params,
         jax.tree_util.keystr(p) for p in paths) or 'none'
     missing = [p for p in p_paths if p not in b_paths]
     extra = [p for p in b_paths if p not in p_paths]
+    hint = ('; if `mask` changed: a state made with a `mask` holds no array '
+            'for the parameters it left out' if missing and not extra else '')
     detail = (f'missing leaves: {keys(missing)}; leaves not in `params`: '
-              f'{keys(extra)}' if missing or extra else
+              f'{keys(extra)}{hint}' if missing or extra else
               f'{jax.tree.structure(buffer, is_leaf=_is_masked_node)} for '
               f'{jax.tree.structure(params)}')
     raise ValueError(
@@ -415,11 +417,12 @@ def rst(
       implementation, or raw ``uint32`` key data of the default one).
     reuse: LookSAM's :math:`\alpha \ge 0`, how much of the last SAM step's
       direction each base step reuses; a float or a schedule (a negative or
-      NaN value from a schedule is taken as 0). ``None`` (default) or the
-      Python number 0: no reuse, no buffer, and the state is
-      :class:`RSTState`. Any other value, an array too (as
-      ``optax.inject_hyperparams`` passes it), keeps the buffer and gives
-      an :class:`RSTReuseState`. In the benchmarks, 0.5 with
+      NaN value from a schedule, or in a JAX array as
+      ``optax.inject_hyperparams`` passes it, is taken as 0). ``None``
+      (default) or a Python or NumPy number equal to 0: no reuse, no
+      buffer, and the state is :class:`RSTState`. Any other value, a 0-d
+      array too, keeps the buffer and gives an :class:`RSTReuseState`. In
+      the benchmarks, 0.5 with
       ``schedule=schedules.periodic(5)`` (LookSAM) reached SAM's accuracy
       at 0.6x its gradient evaluations with noisy labels, not on clean ones.
     adaptive: use the ASAM perturbation (element-wise scaled by
@@ -462,9 +465,10 @@ def rst(
 
   Raises:
     TypeError: when built, if ``base_tx`` is not an Optax transformation, a
-      number argument is not a real number (bools and strings are not; a
-      callable is allowed for ``schedule``, ``rho`` and ``lam``), ``seed`` is
-      neither an int nor a PRNG key, ``adaptive`` is not a bool or
+      number argument is not a real number (bools, strings, ``Fraction`` and
+      ``Decimal`` are not; a callable of one positional argument, the step
+      count, is allowed for ``schedule``, ``rho``, ``lam`` and ``reuse``),
+      ``seed`` is neither an int nor a PRNG key, ``adaptive`` is not a bool or
       ``axis_name`` not a str. In ``init``, if a leaf of the parameters is
       complex, an integer or a PRNG key, or ``base_tx`` is a differentially
       private aggregation (it needs per-example gradients). When ``update``
@@ -476,13 +480,17 @@ def rst(
     ValueError: when built, if a number is out of range or not finite
       (``schedule`` outside [0, 1], a negative ``rho`` or ``eta``, ``eps``
       below float32's smallest normal number, an int ``seed`` outside
-      int64, a negative ``reuse``), or ``perturbation`` is not ``'global'``
-      or ``'local'`` (or ``'local'`` without ``axis_name``). In ``init``, if
+      int64, a negative ``reuse``; a JAX array for ``schedule``, ``rho`` or
+      ``reuse``, as ``optax.inject_hyperparams`` passes them, is taken as a
+      schedule's value instead), or ``perturbation`` is not ``'global'`` or
+      ``'local'`` (or ``'local'`` without ``axis_name``). In ``init``, if
       ``mask`` does not fit the parameters, is one bool for several leaves,
       or selects no leaf while a SAM step can be taken (a ``mask`` that is
       not bools: TypeError). When ``update`` is traced, if ``params`` or
       ``grad_fn`` is missing, ``updates`` or ``grad_fn``'s output do not
-      match ``params`` in structure and shapes, ``axis_name`` is not bound
+      match ``params`` in structure and shapes (or the output holds Flax
+      NNX variables), ``state.reuse_direction`` does not fit ``params`` and
+      ``mask`` (structure, shapes, dtypes), ``axis_name`` is not bound
       by ``shard_map``, ``pmap`` or ``vmap``, or ``rst`` was put inside
       ``optax.masked`` or ``optax.multi_transform``.
 

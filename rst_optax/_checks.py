@@ -9,6 +9,7 @@ what is allowed. Values that cannot be inspected when the function runs
 import inspect
 import math
 import operator
+import sys
 from numbers import Number
 from typing import Any
 
@@ -357,11 +358,14 @@ def not_nnx_variables(fn: str, name: str, tree: Any, ref: Any) -> None:
   for path, x in jax.tree_util.tree_leaves_with_path(
       tree, is_leaf=_is_nnx_variable):
     if _is_nnx_variable(x):
+      # nnx.pure was renamed nnx.as_pure; name the one installed.
+      nnx = sys.modules.get('flax.nnx')
+      pure = 'as_pure' if hasattr(nnx, 'as_pure') else 'pure'
       raise ValueError(
           f'{fn}: `{name}` holds flax.nnx variables (an nnx.'
           f'{type(x).__name__} at {_where(path)}) where the parameters are '
           'plain arrays, as nnx.Optimizer passes them: return plain arrays, '
-          'e.g. nnx.as_pure(grads), or build grad_fn with '
+          f'e.g. nnx.{pure}(grads), or build grad_fn with '
           'rst_optax.flax_utils.nnx_grad_fn(loss_fn, model, *batch).')
 
 

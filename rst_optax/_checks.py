@@ -9,7 +9,8 @@ what is allowed. Values that cannot be inspected when the function runs
 import inspect
 import math
 import operator
-from numbers import Real
+import sys
+from numbers import Number
 from typing import Any
 
 import jax
@@ -25,9 +26,14 @@ def _is_tracer(value: Any) -> bool:
 def number(
     fn: str, name: str, value: Any, *, low: float | None = None,
     high: float | None = None, low_open: bool = False,
-    allow_schedule: bool = False,
+    allow_schedule: bool = False, arrays_as_schedules: bool = False,
 ) -> None:
   """Checks that ``value`` is a finite real scalar in the given range.
+
+  A real scalar is a Python int or float, or a NumPy or JAX scalar or 0-d
+  array of an integer or floating dtype; other number types
+  (``fractions.Fraction``, ``decimal.Decimal``) are refused, as JAX cannot
+  take them.
 
   Args:
     fn: the public function, for the message.
@@ -36,13 +42,23 @@ def number(
     low: the least allowed value (excluded with ``low_open``), or None.
     high: the greatest allowed value (included), or None.
     low_open: whether ``low`` itself is excluded.
-    allow_schedule: whether a callable (a schedule of the step count) passes.
+    allow_schedule: whether a callable (a schedule of the step count) passes;
+      it must take one positional argument, the step count.
+    arrays_as_schedules: whether a JAX array is checked for its type alone,
+      its value then being taken as a schedule's output is. This is how
+      ``optax.inject_hyperparams`` passes numbers: as arrays, concrete when
+      called eagerly and traced under ``jax.jit``, where the value cannot be
+      checked; so that both modes agree, neither checks it.
 
   Raises:
-    TypeError: if ``value`` is not a real scalar (nor an allowed schedule).
+    TypeError: if ``value`` is not a real scalar (nor an allowed schedule),
+      or is a schedule that cannot be called with one positional argument.
     ValueError: if it is not finite or out of range.
   """
-  if (allow_schedule and callable(value)) or _is_tracer(value):
+  if allow_schedule and callable(value):
+    schedule_arity(fn, name, value)
+    return
+  if _is_tracer(value):
     return
   allowed = 'a finite number'
   if low is not None and high is not None:
@@ -52,7 +68,14 @@ def number(
   if allow_schedule:
     allowed += ' or a schedule (a callable of the step count)'
   if not _is_real_scalar(value):
-    raise TypeError(f'{fn}: `{name}` must be {allowed}; got {value!r}.')
+    hint = ''
+    if isinstance(value, Number) and not isinstance(value, (bool, complex)):
+      hint = (f' A {type(value).__name__} is not taken (JAX cannot convert '
+              'it): pass float(value).')
+    raise TypeError(
+        f'{fn}: `{name}` must be {allowed}; got {value!r}.{hint}')
+  if arrays_as_schedules and isinstance(value, jax.Array):
+    return
   x = float(value)
   bad = not math.isfinite(x)
   bad |= low is not None and (x <= low if low_open else x < low)
@@ -199,14 +222,15 @@ def _is_real_dtype(dtype: Any) -> bool:
 def _is_real_scalar(value: Any) -> bool:
   """Whether ``value`` is a 0-d real number: a Python int or float, or a
   NumPy/JAX scalar or 0-d array of an int or float dtype (bfloat16 and
-  float16 included; not bool, not a string, not complex)."""
+  float16 included; not bool, not a string, not complex, and no other number
+  type such as ``fractions.Fraction``, which JAX cannot convert)."""
   if isinstance(value, bool):
     return False
   if isinstance(value, (int, float)):
     return True
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     return np.ndim(value) == 0 and _is_real_dtype(value.dtype)
-  return isinstance(value, Real) and not isinstance(value, complex)
+  return False
 
 
 def schedule_value(fn: str, name: str, value: Any) -> None:
@@ -316,18 +340,49 @@ def same_structure(fn: str, name: str, tree: Any, ref_name: str,
           f'{_where(path)} got {np.shape(a)} for {np.shape(b)}.')
 
 
+def _is_nnx_variable(x: Any) -> bool:
+  """Whether ``x`` is a Flax NNX variable (``nnx.Param``, ``nnx.BatchStat``,
+  ...), told by its classes' module and name, so flax need not be imported."""
+  return any(c.__module__.startswith('flax.nnx')
+             and c.__name__ in ('Variable', 'VariableState')
+             for c in type(x).__mro__)
+
+
+def not_nnx_variables(fn: str, name: str, tree: Any, ref: Any) -> None:
+  """Refuses a ``tree`` that holds Flax NNX variables where ``ref`` (the
+  parameters) holds plain arrays, with the fix, instead of the tree
+  structures (which for NNX variables run to kilobytes)."""
+  if any(_is_nnx_variable(x)
+         for x in jax.tree.leaves(ref, is_leaf=_is_nnx_variable)):
+    return
+  for path, x in jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=_is_nnx_variable):
+    if _is_nnx_variable(x):
+      # nnx.pure was renamed nnx.as_pure; name the one installed.
+      nnx = sys.modules.get('flax.nnx')
+      pure = 'as_pure' if hasattr(nnx, 'as_pure') else 'pure'
+      raise ValueError(
+          f'{fn}: `{name}` holds flax.nnx variables (an nnx.'
+          f'{type(x).__name__} at {_where(path)}) where the parameters are '
+          'plain arrays, as nnx.Optimizer passes them: return plain arrays, '
+          f'e.g. nnx.{pure}(grads), or build grad_fn with '
+          'rst_optax.flax_utils.nnx_grad_fn(loss_fn, model, *batch).')
+
+
 def grad_fn_output(fn: str, grads: Any, params: Any) -> None:
   """Checks, when tracing, that ``grad_fn(params)`` returned gradients: the
   tree structure and shapes of ``params``, with real floating dtypes.
 
   Raises:
     ValueError: if the structure or a shape differs, with a hint where the
-      output looks like the loss, ``(value, grads)`` or ``(grads, aux)``.
+      output looks like the loss, ``(value, grads)`` or ``(grads, aux)``, or
+      holds Flax NNX variables.
     TypeError: if a leaf does not have a real floating dtype.
   """
   structure = jax.tree.structure(params)
   is_scalar = lambda x: (jax.tree.structure(x).num_leaves == 1
                          and np.ndim(jax.tree.leaves(x)[0]) == 0)
+  not_nnx_variables(fn, 'grad_fn(params)', grads, params)
   hint = ''
   if isinstance(grads, tuple) and len(grads) == 2:
     first, second = (jax.tree.structure(x) for x in grads)
@@ -464,6 +519,29 @@ def grad_fn_arity(fn: str, grad_fn: Any) -> None:
         f'{signature}. optax.contrib.sam\'s opaque mode passes a second '
         f'argument; {fn} does not. Close over the batch instead, e.g. '
         'grad_fn=lambda p: jax.grad(loss_fn)(p, batch).') from None
+
+
+def schedule_arity(fn: str, name: str, schedule: Any) -> None:
+  """Checks that the schedule ``schedule`` can be called as
+  ``schedule(count)``, as :func:`grad_fn_arity` checks ``grad_fn``; a
+  callable without a readable signature passes unchecked.
+
+  Raises:
+    TypeError: naming ``fn`` and ``name``, if one positional argument cannot
+      be bound to the schedule's parameters.
+  """
+  try:
+    signature = inspect.signature(schedule)
+  except (TypeError, ValueError):  # a builtin or an extension type: trust it
+    return
+  try:
+    signature.bind(None)
+  except TypeError:
+    raise TypeError(
+        f'{fn}: the `{name}` schedule must take one positional argument, the '
+        f'step count (schedule(count) -> number, as an optax.Schedule); its '
+        f'signature is {signature}. Bind any other argument first, e.g. with '
+        'functools.partial or a lambda count: ....') from None
 
 
 def step(fn: str, name: str, value: Any, minimum: int = 0) -> int:

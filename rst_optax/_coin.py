@@ -6,7 +6,6 @@ host takes exactly the branches the transformation would have taken.
 """
 
 from collections.abc import Callable
-from numbers import Real
 from typing import Any, NamedTuple, TypeGuard
 
 import jax
@@ -90,10 +89,12 @@ def as_schedule(value: ScalarOrSchedule) -> Callable[[jax.Array], jax.Array]:
 
 
 def is_python_constant(value, target: float) -> bool:
-  """Whether ``value`` is a Python number (not an array) equal to ``target``."""
+  """Whether ``value`` is a number known when tracing, equal to ``target``: a
+  Python int or float or a NumPy scalar (``np.float32(0.0)``), not an array
+  (0-d arrays are what ``optax.inject_hyperparams`` passes)."""
   return (
-      isinstance(value, Real)
-      and not isinstance(value, bool)
+      _checks._is_real_scalar(value)
+      and not isinstance(value, (np.ndarray, jax.Array))
       and float(value) == target
   )
 

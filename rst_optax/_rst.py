@@ -308,6 +308,66 @@ def _check_state(state: Any, reusing: bool, windowed: bool) -> None:
         'reuse until its next SAM step).')
 
 
+def _is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _check_reuse_direction(buffer: Any, params: optax.Params,
+                           selected: list[bool]) -> None:
+  """Refuses a reuse buffer that does not fit ``params`` and ``mask``.
+
+  The buffer must have the layout :func:`rst`'s ``init`` gives it: the tree
+  structure of ``params``, ``optax.MaskedNode()`` exactly where ``mask``
+  leaves a parameter out, and elsewhere the parameter's shape and dtype.
+  Only structures, shapes and dtypes are read: no cost per step.
+  """
+  what = 'rst: `state.reuse_direction` (the reuse buffer)'
+  fix = (' This happens when a state (a checkpoint) is restored after the '
+         'model, its dtypes or `mask` changed: make the state with this '
+         "transformation's init, or restore into a target made by it.")
+  p_items = jax.tree_util.tree_leaves_with_path(params)
+  b_items = jax.tree_util.tree_leaves_with_path(buffer,
+                                                is_leaf=_is_masked_node)
+  p_paths = [path for path, _ in p_items]
+  b_paths = [path for path, _ in b_items]
+  if (jax.tree.structure(buffer, is_leaf=_is_masked_node)
+      != jax.tree.structure(params)):
+    keys = lambda paths: ', '.join(
+        jax.tree_util.keystr(p) for p in paths) or 'none'
+    missing = [p for p in p_paths if p not in b_paths]
+    extra = [p for p in b_paths if p not in p_paths]
+    hint = ('; if `mask` changed: a state made with a `mask` holds no array '
+            'for the parameters it left out' if missing and not extra else '')
+    detail = (f'missing leaves: {keys(missing)}; leaves not in `params`: '
+              f'{keys(extra)}{hint}' if missing or extra else
+              f'{jax.tree.structure(buffer, is_leaf=_is_masked_node)} for '
+              f'{jax.tree.structure(params)}')
+    raise ValueError(
+        f'{what} does not have the tree structure of `params` ({detail}).'
+        f'{fix}')
+  for (path, b), (_, w), m in zip(b_items, p_items, selected, strict=True):
+    where = f'leaf {_checks._where(path)}'
+    if m and _is_masked_node(b):
+      raise ValueError(
+          f'{what}: {where} is optax.MaskedNode(), but `mask` selects that '
+          'parameter: the state was made with a different `mask`.' + fix)
+    if not m and not _is_masked_node(b):
+      raise ValueError(
+          f'{what}: {where} holds an array, but `mask` leaves that parameter '
+          'out (its buffer leaf is optax.MaskedNode()): the state was made '
+          'with a different `mask`.' + fix)
+    if not m:
+      continue
+    if np.shape(b) != np.shape(w):
+      raise ValueError(
+          f'{what}: {where} has shape {np.shape(b)} but the parameter has '
+          f'shape {np.shape(w)}.' + fix)
+    if jnp.result_type(b) != jnp.result_type(w):
+      raise ValueError(
+          f'{what}: {where} has dtype {jnp.result_type(b)} but the parameter '
+          f'has dtype {jnp.result_type(w)}.' + fix)
+
+
 def rst(
     base_tx: optax.GradientTransformation,
     schedule: _types.ScalarOrSchedule = 0.5,
@@ -434,9 +494,10 @@ def rst(
     ``optax.MultiSteps(rst(...), k)`` is not the full-batch RST step: one coin
     is drawn per outer step and the perturbation follows the accumulated
     gradient, but the SAM gradient is ``grad_fn`` of the last micro-step only,
-    and ``grad_fn`` runs on all k micro-steps of a SAM step. Accumulate both
-    gradients inside the train step instead (``optax.microbatch`` for the
-    first gradient and for ``grad_fn``).
+    and ``grad_fn`` runs on all k micro-steps of a SAM step. With ``reuse``
+    the kept :math:`u` comes from that micro-batch too, so the base steps
+    differ as well. Accumulate both gradients inside the train step instead
+    (``optax.microbatch`` for the first gradient and for ``grad_fn``).
 
   Args:
     base_tx: the base optimizer, any ``optax.GradientTransformation``; it
@@ -449,11 +510,12 @@ def rst(
       implementation, or raw ``uint32`` key data of the default one).
     reuse: LookSAM's :math:`\alpha \ge 0`, how much of the last SAM step's
       direction each base step reuses; a float or a schedule (a negative or
-      NaN value from a schedule is taken as 0). ``None`` (default) or the
-      Python number 0: no reuse, no buffer, and the state is
-      :class:`RSTState`. Any other value, an array too (as
-      ``optax.inject_hyperparams`` passes it), keeps the buffer and gives
-      an :class:`RSTReuseState`. In the benchmarks, 0.5 with
+      NaN value from a schedule, or in a JAX array as
+      ``optax.inject_hyperparams`` passes it, is taken as 0). ``None``
+      (default) or a Python or NumPy number equal to 0: no reuse, no
+      buffer, and the state is :class:`RSTState`. Any other value, a 0-d
+      array too, keeps the buffer and gives an :class:`RSTReuseState`. In
+      the benchmarks, 0.5 with
       ``schedule=schedules.periodic(5)`` (LookSAM) reached SAM's accuracy
       at 0.6x its gradient evaluations with noisy labels, not on clean ones.
     reuse_window: with ``reuse``, the most steps :math:`k \ge 1` after a SAM
@@ -505,9 +567,10 @@ def rst(
 
   Raises:
     TypeError: when built, if ``base_tx`` is not an Optax transformation, a
-      number argument is not a real number (bools and strings are not; a
-      callable is allowed for ``schedule``, ``rho`` and ``lam``), ``seed`` is
-      neither an int nor a PRNG key, ``adaptive`` is not a bool,
+      number argument is not a real number (bools, strings, ``Fraction`` and
+      ``Decimal`` are not; a callable of one positional argument, the step
+      count, is allowed for ``schedule``, ``rho``, ``lam`` and ``reuse``),
+      ``seed`` is neither an int nor a PRNG key, ``adaptive`` is not a bool,
       ``axis_name`` not a str or ``reuse_window`` not an int. In ``init``, if
       a leaf of the parameters is complex, an integer or a PRNG key, or
       ``base_tx`` is a differentially private aggregation (it needs
@@ -521,13 +584,17 @@ def rst(
       (``schedule`` outside [0, 1], a negative ``rho`` or ``eta``, ``eps``
       below float32's smallest normal number, an int ``seed`` outside
       int64, a negative ``reuse``, a ``reuse_window`` below 1 or without
-      ``reuse``), or ``perturbation`` is not ``'global'`` or ``'local'``
-      (or ``'local'`` without ``axis_name``). In ``init``, if
+      ``reuse``; a JAX array for ``schedule``, ``rho`` or ``reuse``, as
+      ``optax.inject_hyperparams`` passes them, is taken as a schedule's
+      value instead), or ``perturbation`` is not ``'global'`` or
+      ``'local'`` (or ``'local'`` without ``axis_name``). In ``init``, if
       ``mask`` does not fit the parameters, is one bool for several leaves,
       or selects no leaf while a SAM step can be taken (a ``mask`` that is
       not bools: TypeError). When ``update`` is traced, if ``params`` or
       ``grad_fn`` is missing, ``updates`` or ``grad_fn``'s output do not
-      match ``params`` in structure and shapes, ``axis_name`` is not bound
+      match ``params`` in structure and shapes (or the output holds Flax
+      NNX variables), ``state.reuse_direction`` does not fit ``params`` and
+      ``mask`` (structure, shapes, dtypes), ``axis_name`` is not bound
       by ``shard_map``, ``pmap`` or ``vmap``, or ``rst`` was put inside
       ``optax.masked`` or ``optax.multi_transform``.
 
@@ -565,12 +632,16 @@ def rst(
         'rst: `base_tx` must be an optax.GradientTransformation (with callable '
         f'`init` and `update`); got {base_tx!r}.'
     )
+  # A JAX array (what optax.inject_hyperparams passes, traced under jit) is
+  # taken as a schedule's value is: clipped, or negative as 0.
   _checks.number('rst', 'schedule', schedule, low=0.0, high=1.0,
-                 allow_schedule=True)
-  _checks.number('rst', 'rho', rho, low=0.0, allow_schedule=True)
+                 allow_schedule=True, arrays_as_schedules=True)
+  _checks.number('rst', 'rho', rho, low=0.0, allow_schedule=True,
+                 arrays_as_schedules=True)
   _checks.number('rst', 'lam', lam, allow_schedule=True)
   if reuse is not None:
-    _checks.number('rst', 'reuse', reuse, low=0.0, allow_schedule=True)
+    _checks.number('rst', 'reuse', reuse, low=0.0, allow_schedule=True,
+                   arrays_as_schedules=True)
   _checks.number('rst', 'eta', eta, low=0.0)
   if eps is None:
     eps = _EPS_DEFAULT
@@ -737,6 +808,11 @@ def rst(
     _check_state(state, reusing, window is not None)
     if axis_name is not None:
       _checks.axis_name_bound('rst', axis_name)
+    if isinstance(state, RSTReuseState) and jax.tree.leaves(params):
+      _check_reuse_direction(state.reuse_direction, params, _perturbed_leaves(
+          mask, params, can_take_sam))
+    # A Python float in the gradient, as a 0-d array (as optax.sgd takes it).
+    updates = jax.tree.map(jnp.asarray, updates)
     count = state.count
     local_updates = updates
     if local:

@@ -194,3 +194,104 @@ def test_multisteps_differs_from_the_full_batch_step_on_sam_steps(schedule):
   updates, full = accumulate_then_full(params)
   same = np.allclose(updates['w1'], full['w1'], rtol=1e-4, atol=1e-7)
   assert same == (schedule == 0.0)
+
+
+# --- With reuse (LookSAM) -------------------------------------------------------
+
+ALPHA = 0.5
+REUSE_STEPS = 4  # periodic(2): base, SAM, base, SAM
+
+
+def make_reuse_rst():
+  return rst_optax.rst(optax.sgd(LR), schedule=rst_optax.schedules.periodic(2),
+                       rho=prob.RHO, lam=prob.LAM, reuse=ALPHA)
+
+
+def _unit_orthogonal(d, g):
+  """u = g_v / ||g_v||, g_v = d - (<d, g> / ||g||^2) g, by hand."""
+  coef = optax.tree.vdot(d, g) / optax.tree.vdot(g, g)
+  g_v = jax.tree.map(lambda a, b: a - coef * b, d, g)
+  return optax.tree.scale(1 / optax.tree.norm(g_v), g_v)
+
+
+def _sam_direction(params, g, xb, yb):
+  """(1 - lam) g + lam g_sam, g_sam on (xb, yb) at the perturbation along g."""
+  g_sam = prob.grad(
+      optax.tree.add_scale(params, prob.RHO / optax.tree.norm(g), g), xb, yb)
+  return jax.tree.map(lambda a, b: (1 - prob.LAM) * a + prob.LAM * b, g, g_sam)
+
+
+@pytest.mark.skipif(not hasattr(optax, 'microbatch'),
+                    reason='optax.microbatch first appeared in Optax 0.2.7')
+def test_microbatch_recipe_with_reuse_equals_the_full_batch_step():
+  """The recipe keeps the full-batch u, and its base steps reuse it."""
+  x, y = prob.make_data(REUSE_STEPS)
+  tx = make_reuse_rst()
+  acc_grad = optax.microbatch(
+      prob.grad, argnums=(1, 2), microbatch_size=MICRO,
+      accumulator=optax.microbatching.AccumulationType.MEAN)
+
+  @jax.jit
+  def accumulated_step(params, state, xb, yb):
+    g = acc_grad(params, xb, yb)
+    updates, state = tx.update(g, state, params,
+                               grad_fn=lambda p: acc_grad(p, xb, yb))
+    return optax.apply_updates(params, updates), state
+
+  full_step = jax.jit(lambda p, s, xb, yb: prob.global_step(tx, p, s, xb, yb))
+  params = full = prob.make_params()
+  state = full_state = tx.init(params)
+  for t in range(REUSE_STEPS):
+    params, state = accumulated_step(params, state, x[t], y[t])
+    full, full_state = full_step(full, full_state, x[t], y[t])
+    assert optax.tree.norm(full_state.reuse_direction) > 0.5 or t == 0
+    for key in full:
+      np.testing.assert_allclose(params[key], full[key], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(state.reuse_direction[key],
+                                 full_state.reuse_direction[key], atol=1e-5)
+  assert int(state.sam_steps) == REUSE_STEPS // 2
+
+
+def test_multisteps_with_reuse_keeps_u_of_the_last_micro_batch():
+  """What numerics.md documents: under MultiSteps the kept u is that of
+  (1 - lam) mean(g_i) + lam g_sam against mean(g_i), g_sam the last
+  micro-batch's; the next base step is mean(g_i) + alpha ||mean(g_i)|| u.
+  That u is not the full-batch u."""
+  x, y = prob.make_data(REUSE_STEPS)
+  micro_x = x.reshape(REUSE_STEPS, K, MICRO, prob.DIM)
+  micro_y = y.reshape(REUSE_STEPS, K, MICRO)
+  multi = optax.MultiSteps(make_reuse_rst(), K)
+
+  @jax.jit
+  def micro_step(params, state, xb, yb):
+    updates, state = multi.update(prob.grad(params, xb, yb), state, params,
+                                  grad_fn=lambda p: prob.grad(p, xb, yb))
+    return optax.apply_updates(params, updates), state, updates
+
+  mean_grad = jax.jit(lambda p, xs, ys: jax.tree.map(
+      lambda a: a.mean(0), jax.vmap(prob.grad, in_axes=(None, 0, 0))(p, xs,
+                                                                      ys)))
+  params = prob.make_params()
+  state = multi.init(params)
+  for t in range(3):  # base, SAM, base
+    start = params
+    for i in range(K):
+      params, state, updates = micro_step(params, state, micro_x[t, i],
+                                          micro_y[t, i])
+    g = mean_grad(start, micro_x[t], micro_y[t])
+    if t == 1:
+      d = _sam_direction(start, g, micro_x[t, -1], micro_y[t, -1])
+      u = _unit_orthogonal(d, g)
+      got = state.inner_opt_state.reuse_direction
+      for key in u:
+        np.testing.assert_allclose(got[key], u[key], atol=2e-5)
+      full_g = prob.grad(start, x[t], y[t])
+      u_full = _unit_orthogonal(
+          _sam_direction(start, full_g, x[t], y[t]), full_g)
+      assert float(optax.tree.vdot(u, u_full)) < 0.9  # mostly noise
+    if t == 2:
+      want = optax.tree.scale(
+          -LR, optax.tree.add_scale(g, ALPHA * optax.tree.norm(g), u))
+      for key in want:
+        np.testing.assert_allclose(updates[key], want[key], rtol=1e-4,
+                                   atol=1e-7)

@@ -13,7 +13,9 @@ import sys
 import _checkpoint_worker as worker
 import _dist_problem as prob
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -176,3 +178,68 @@ def test_a_reuse_checkpoint_written_before_reuse_window_resumes(runs):
   assert got.keys() == uninterrupted['cond_reuse'].keys()
   for key, value in uninterrupted['cond_reuse'].items():
     np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+# Restoring across kinds (docs/checkpointing.md, "With reuse").
+
+
+def _ckpt_problem():
+  params = {'w': np.linspace(-1.0, 1.0, 3).astype(np.float32),
+            'b': np.float32(0.5)}
+  loss = lambda p: jnp.sum(jnp.sin(3 * p['w'])) + p['b'] ** 2
+  return params, loss
+
+
+def _sam_step(tx, state, params, loss):
+  return tx.update(jax.grad(loss)(params), state, params,
+                   grad_fn=jax.grad(loss), take_sam=True)[1]
+
+
+def test_restoring_across_kinds(tmp_path):
+  params, loss = _ckpt_problem()
+  plain = rst_optax.rst(optax.sgd(0.1), 0.5)
+  reusing = rst_optax.rst(optax.sgd(0.1), 0.5, reuse=0.5)
+  with ocp.StandardCheckpointer() as checkpointer:
+    for name, tx in (('plain', plain), ('reusing', reusing)):
+      checkpointer.save(tmp_path / name,
+                        _sam_step(tx, tx.init(params), params, loss))
+    # Orbax refuses a restore into the other kind.
+    for name, other in (('plain', reusing), ('reusing', plain)):
+      with pytest.raises(ValueError, match='reuse_direction'):
+        checkpointer.restore(tmp_path / name, other.init(params))
+    old = checkpointer.restore(tmp_path / 'plain', plain.init(params))
+  # The documented way to add reuse: nothing reused until the next SAM step.
+  state = rst_optax.RSTReuseState(
+      *old, reuse_direction=reusing.init(params).reuse_direction)
+  g = jax.grad(loss)(params)
+  d, state = reusing.update(g, state, params, grad_fn=jax.grad(loss),
+                            take_sam=False)
+  np.testing.assert_array_equal(d['w'], -0.1 * g['w'])
+  assert int(state.count) == int(old.count) + 1
+
+
+def test_restoring_into_a_narrower_mask_and_resetting_the_buffer(tmp_path):
+  params, loss = _ckpt_problem()
+  wide = rst_optax.rst(optax.sgd(0.1), 0.5, reuse=0.5)
+  narrow = rst_optax.rst(optax.sgd(0.1), 0.5, reuse=0.5,
+                         mask={'w': True, 'b': False})
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'wide',
+                      _sam_step(wide, wide.init(params), params, loss))
+    state = checkpointer.restore(tmp_path / 'wide', narrow.init(params))
+    # The other way, a narrower mask's state into a wider one: refused.
+    checkpointer.save(tmp_path / 'narrow', narrow.init(params))
+    widened = checkpointer.restore(tmp_path / 'narrow')
+  u = state.reuse_direction
+  assert isinstance(u['b'], optax.MaskedNode)
+  assert float(np.linalg.norm(u['w'])) < 0.999  # no longer a unit vector
+  state = state._replace(reuse_direction=narrow.init(params).reuse_direction)
+  g = jax.grad(loss)(params)
+  d, _ = narrow.update(g, state, params, grad_fn=jax.grad(loss),
+                       take_sam=False)
+  np.testing.assert_array_equal(d['w'], -0.1 * g['w'])
+  widened = wide.init(params)._replace(
+      reuse_direction=widened['reuse_direction'])
+  with pytest.raises(ValueError, match=r"missing leaves: \['b'\].*if `mask` "
+                     'changed'):
+    wide.update(g, widened, params, grad_fn=jax.grad(loss))

@@ -3,6 +3,10 @@ numbers, the coin's key and step, PRNG keys among the parameters, the
 messages for single-array parameters, whole-shape comparisons, and the check
 that an ``axis_name`` is bound."""
 
+import decimal
+import fractions
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,3 +220,54 @@ def test_axis_name_bound_accepts_a_bound_axis_at_no_cost():
   jax.pmap(_bound, axis_name='data')(jnp.ones(1))
   jaxpr = jax.make_jaxpr(jax.vmap(_bound, axis_name='data'))(jnp.ones(2))
   assert not jaxpr.eqns  # nothing traced
+
+
+# Number types JAX cannot take, callables where a number belongs, and
+# schedules of the wrong arity: refused by name when rst is built.
+
+NUMBER_ARGS = ['schedule', 'rho', 'lam', 'reuse', 'eta', 'eps']
+
+
+@pytest.mark.parametrize('name', NUMBER_ARGS)
+@pytest.mark.parametrize('value', [fractions.Fraction(1, 2),
+                                   decimal.Decimal('0.5')], ids=str)
+def test_fractions_and_decimals_are_refused_by_name(name, value):
+  with pytest.raises(TypeError, match=rf'rst: `{name}` must be .*got '
+                     rf'{type(value).__name__}.*pass float\(value\)'):
+    rst_optax.rst(optax.sgd(0.1), **{name: value})
+
+
+@pytest.mark.parametrize('name', ['eta', 'eps'])
+def test_a_callable_eps_or_eta_is_refused(name):
+  with pytest.raises(TypeError, match=rf'rst: `{name}` must be a finite '
+                     'number'):
+    rst_optax.rst(optax.sgd(0.1), **{name: lambda t: 0.01})
+
+
+@pytest.mark.parametrize('name', ['schedule', 'rho', 'lam', 'reuse'])
+@pytest.mark.parametrize('schedule', [lambda t, extra: 0.5, lambda: 0.5,
+                                      lambda *, count: 0.5],
+                         ids=['two', 'none', 'keyword-only'])
+def test_a_schedule_of_the_wrong_arity_is_refused_by_name(name, schedule):
+  with pytest.raises(TypeError, match=rf'rst: the `{name}` schedule must take '
+                     'one positional argument, the step count'):
+    rst_optax.rst(optax.sgd(0.1), **{name: schedule})
+
+
+def test_schedules_of_one_positional_argument_are_accepted():
+  class Schedule:
+    def __call__(self, count, scale=1.0):
+      return 0.5 * scale
+
+  for schedule in (lambda t: 0.5, lambda *a: 0.5, Schedule(),
+                   functools.partial(lambda t, s: 0.5 * s, s=1.0),
+                   optax.constant_schedule(0.5)):
+    tx = rst_optax.rst(optax.sgd(0.1), schedule=schedule, rho=schedule,
+                       lam=schedule, reuse=schedule)
+    _, state = tx.update(jnp.ones(3), tx.init(jnp.zeros(3)), jnp.zeros(3),
+                         grad_fn=lambda p: p + 1, take_sam=True)
+    assert int(state.sam_steps) == 1
+  rst_optax.decisions(lambda t: 0.5, 0, 0, 4)
+  with pytest.raises(TypeError, match='decisions: the `schedule` schedule '
+                     'must take one positional argument'):
+    rst_optax.decisions(lambda t, extra: 0.5, 0, 0, 4)

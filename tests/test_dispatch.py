@@ -134,6 +134,15 @@ def test_host_dispatch_refuses_an_rst_other_than_tx(how):
   rst_optax.HostDispatch(steps[how], _tx(0.3))
 
 
+@pytest.mark.parametrize('step', [16, 100, 255])
+def test_host_dispatch_compares_the_first_256_steps_of_the_schedules(step):
+  """Two schedules that differ at one step among the first 256 draw other
+  coins: HostDispatch refuses the pair."""
+  other = _tx(lambda t: jnp.where(t == step, 0.9, 0.5))
+  with pytest.raises(ValueError, match='another schedule or seed'):
+    rst_optax.HostDispatch(_train_step(other), _tx(0.5))
+
+
 def test_host_dispatch_refuses_a_train_state_of_another_rst():
   from rst_optax import flax_utils
 
@@ -664,6 +673,23 @@ def test_iter_decisions_rejects_bad_arguments(kwargs, error, match):
 def test_recommended_dispatch(monkeypatch, backend, mode):
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   assert rst_optax.recommended_dispatch() == mode
+
+
+def test_check_state_takes_no_rng_mapping_for_an_rst_state():
+  """A mapping with some of RSTState's fields (a {'key': ...} RNG dict,
+  nnx.Rngs laid out by nnx.state, with 'count' and 'key') is not one."""
+  from flax import nnx
+
+  params, _ = _problem()
+  tx = _tx(0.5)
+  step = rst_optax.HostDispatch(_train_step(tx), tx)
+  rngs = nnx.state(nnx.Rngs(0, dropout=1))
+  assert 'count' in rngs['dropout'] and 'key' in rngs['dropout']
+  train_state = {'opt': tx.init(params), 'rng': {'key': jax.random.key(1)},
+                 'nnx_rngs': rngs}
+  step.check_state(train_state)
+  with pytest.raises(ValueError, match='holds no RSTState'):
+    step.check_state({'rng': {'key': jax.random.key(1)}, 'nnx_rngs': rngs})
 
 
 def test_the_count_check_reads_a_functional_nnx_state():

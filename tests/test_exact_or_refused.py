@@ -134,6 +134,40 @@ def test_a_python_float_parameter_takes_its_sam_step():
       sam_point(tx, quadratic_grad(as_array), as_array))
 
 
+@pytest.mark.parametrize('reuse', [None, 0.5])
+@pytest.mark.parametrize('take_sam', [True, False, None],
+                         ids=['sam', 'base', 'cond'])
+def test_a_python_float_in_the_gradient_is_a_0d_array(take_sam, reuse):
+  """A Python float leaf in ``updates`` (as optax.sgd takes it), on a SAM
+  step, a base step and under the coin's cond."""
+  params = {'w': jnp.array([0.5, 2.0]), 'f': jnp.asarray(3.0)}
+  g = quadratic_grad(params)
+  as_float = {'w': g['w'], 'f': float(g['f'])}
+  tx = rst_optax.rst(optax.sgd(0.1), 0.5, 0.2, reuse=reuse)
+
+  def step(g):
+    return tx.update(g, tx.init(params), params, take_sam=take_sam,
+                     grad_fn=quadratic_grad)
+
+  chex.assert_trees_all_equal(step(as_float), step(g))
+  chex.assert_trees_all_equal(jax.jit(step)(as_float), step(g))
+
+
+@pytest.mark.parametrize('schedule', [1.0, 0.5], ids=['sam', 'cond'])
+def test_a_float32_grad_fn_for_bfloat16_parameters_keeps_their_dtype(schedule):
+  """grad_fn's output is cast to the gradient's dtype: the updates and the
+  base optimizer's state stay bfloat16 on SAM steps, and the cond traces."""
+  params = jnp.linspace(-1, 1, 4, dtype=jnp.bfloat16)
+  g = quadratic_grad(params)
+  grad_fn = lambda p: quadratic_grad(p).astype(jnp.float32)
+  tx = rst_optax.rst(optax.sgd(0.1, momentum=0.9), schedule, RHO)
+  updates, state = jax.jit(lambda s: tx.update(g, s, params, grad_fn=grad_fn,
+                                               take_sam=schedule == 1.0 or None)
+                           )(tx.init(params))
+  assert updates.dtype == jnp.bfloat16
+  chex.assert_trees_all_equal_dtypes(state, tx.init(params))
+
+
 def test_a_zero_size_leaf_is_perturbed_with_the_rest():
   params = {'w': jnp.array([0.5, 2.0, -1.0]), 'z': jnp.zeros((0, 4))}
   without = {'w': params['w']}

@@ -322,3 +322,33 @@ def test_linen_train_state_forwards_extra_args_and_replaces_fields():
   assert new.tx is tx  # Given back as it was, to be called again.
   again = new.apply_gradients(grads={'w': jnp.array([1.0, 1.0])}, scale=1.0)
   np.testing.assert_array_equal(again.params['w'], [-3.0, -6.0])
+
+
+@pytest.mark.parametrize('reuse', [None, 0.5])
+def test_a_grad_fn_returning_nnx_variables_is_named_with_the_fix(reuse):
+  """nnx.grad's output holds nnx.Param variables; nnx.Optimizer passes rst
+  plain arrays. The error says so, and what to use, without tree dumps."""
+  model = NNXNet(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, rst_optax.rst(optax.sgd(0.1), schedule=1.0, reuse=reuse),
+      wrt=nnx.Param)
+  xs, ys = _batches()
+  grads = nnx.grad(nnx_loss)(model, xs[0], ys[0])
+
+  def raw_grad_fn(params):
+    del params
+    return nnx.grad(nnx_loss)(model, xs[0], ys[0])  # nnx.Param leaves
+
+  with pytest.raises(ValueError) as error:
+    optimizer.update(model, grads, grad_fn=raw_grad_fn)
+  message = str(error.value)
+  assert message.startswith('rst: `grad_fn(params)` holds flax.nnx variables '
+                            '(an nnx.Param at ')
+  pure = flax_utils._as_pure.__name__  # as_pure, or pure before its rename
+  assert f'nnx.{pure}(grads)' in message
+  assert 'rst_optax.flax_utils.nnx_grad_fn' in message
+  assert 'PyTreeDef' not in message and len(message) < 500
+  # The fix it names works.
+  optimizer.update(model, grads,
+                   grad_fn=lambda p: flax_utils._as_pure(raw_grad_fn(p)))
+  assert int(optimizer.opt_state.sam_steps[...]) == 1

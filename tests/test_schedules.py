@@ -128,6 +128,11 @@ def test_schedules_drive_rst():
     (lambda: schedules.family('periodic', 1e-10, 100), 'family: .*`mean_p`'),
     (lambda: schedules.family('periodic', 1 / 2**31, 100),
      'family: .*`mean_p`'),
+    # Near 1/3 but not 1/3: not taken for periodic(3).
+    (lambda: schedules.family('periodic', 0.331, 100),
+     "family: for name='periodic', `mean_p` must be 1/k"),
+    (lambda: schedules.family('periodic', 1 / 3 + 1e-7, 100),
+     "family: for name='periodic', `mean_p` must be 1/k"),
 ])
 def test_bad_schedule_arguments(make, name):
   with pytest.raises((TypeError, ValueError), match=name):

@@ -164,6 +164,22 @@ def test_a_zero_hessian_has_eigenvalue_zero(loss):
     np.testing.assert_allclose(v, start / np.linalg.norm(start), rtol=1e-6)
 
 
+def test_a_zero_hessian_of_a_float64_model_under_x64():
+  """The zero-Hessian branch returns the eigenvalue in the model's dtype, as
+  power iteration does: float64 under x64."""
+  with jax.enable_x64(True):
+    params = {'a': jnp.ones(3, jnp.float64), 'b': jnp.zeros([], jnp.float64)}
+    lam, v = sharpness.top_hessian_eigenvalue(
+        lambda w: 3.0 * jnp.sum(w['a']) - w['b'], params,
+        key=jax.random.key(4))
+    assert lam.dtype == jnp.float64 and float(lam) == 0.0
+    chex.assert_trees_all_equal_dtypes(v, params)
+    lam, _ = sharpness.top_hessian_eigenvalue(
+        lambda w: jnp.sum(w['a'] ** 2), params, key=jax.random.key(4))
+    assert lam.dtype == jnp.float64
+    np.testing.assert_allclose(float(lam), 2.0, rtol=1e-6)
+
+
 def test_the_key_chooses_the_start_vector():
   loss, _, _, w_star, as_params = quadratic()
   p = as_params(w_star)

@@ -226,6 +226,24 @@ def plot(sizes: list[dict[str, Any]], path: str, backend: str | None = None
   plt.close(fig)
 
 
+def markdown_report(report: dict[str, Any]) -> str:
+  """A saved scaling report as one Markdown page: the table and goals."""
+  lines = ['# Step cost against model size: full results', '',
+           'Generated from `scaling.json` (`python -m benchmarks.scaling '
+           '--from-json`, or the run itself); do not edit.', '',
+           step_cost.machine_line(report), '', markdown(report['sizes']), '',
+           '## Goals', '', '| goal | measured | verdict |', '|---|---|---|']
+  lines += [f"| {c['goal']} | {c['measured']} | "
+            f"{'met' if c['met'] else '**missed**'} |"
+            for c in report['goals']]
+  return '\n'.join(lines) + '\n'
+
+
+def write_markdown(report: dict[str, Any], out: str) -> None:
+  with open(os.path.join(out, 'scaling.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown_report(report))
+
+
 def replot(json_path: str, out: str) -> dict[str, Any]:
   """The table, goals and plot again from a saved report; no timing."""
   with open(json_path) as f:
@@ -237,6 +255,7 @@ def replot(json_path: str, out: str) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   plot(report['sizes'], os.path.join(out, 'scaling.png'),
        backend=report['machine'].get('backend'))
+  write_markdown(report, out)
   return report
 
 
@@ -256,8 +275,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--max-steps', type=int, default=20,
                       help='most steps per configuration per round')
   parser.add_argument('--from-json', metavar='PATH',
-                      help='no timing: print the table and draw the plot '
-                      'again from a saved scaling.json, into --out')
+                      help='no timing: print the table, write scaling.md and draw '
+                      'the plot again from a saved scaling.json, into --out')
   step_cost.add_timing_flags(parser)
   args = parser.parse_args(argv)
   if not args.mlp_widths + args.cnn_widths or min(
@@ -298,6 +317,7 @@ def main(argv=None) -> dict[str, Any]:
       os.path.join(args.out, 'scaling.json'), info, start, args, p=P,
       sizes=sizes, goals=checks)
   plot(sizes, os.path.join(args.out, 'scaling.png'))
+  write_markdown(report, args.out)
   return report
 
 

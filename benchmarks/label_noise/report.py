@@ -298,12 +298,16 @@ def markdown(result, name):
          f'(`make label-noise-report`) from `{name}.json`; do not edit. '
          f'Recipe: {title_of(result["settings"])}.', '',
          '## Run', '']
-  out += _run_lines(result)[:1]
+  out += _run_lines(result)[:1] + ['', 'The machine above is the first '
+                                    "part's; the table gives each part's."]
+  out += ['', f'{len(result["runs"])} run records in all (a run present in '
+          'two parts counted once).']
   if parts:
-    out += ['', '| part | minutes | load (1 min) start → end | command |',
-            '|---|---:|---|---|']
+    out += ['', '| part | minutes | run records | machine | load (1 min) '
+            'start → end | command |', '|---|---:|---:|---|---|---|']
     out += [f'| `{os.path.basename(part["file"])}` | '
-            f'{part["elapsed_s"] / 60:.1f} | '
+            f'{part["elapsed_s"] / 60:.1f} | {part.get("runs", "–")} | '
+            f'{part.get("cpu", "–")} | '
             f'{part["load_average"]["start"][0]:.2f} → '
             f'{part["load_average"]["end"][0]:.2f} | '
             f'`{part["command"]}` |' for part in parts]
@@ -403,7 +407,8 @@ def merge_results(paths):
       'command': ' + '.join(r['settings']['command'] for r in results),
       'merged_from': list(paths)}
   merged['parts'] = [{'file': path, 'command': r['settings']['command'],
-                      'elapsed_s': r['elapsed_s'],
+                      'elapsed_s': r['elapsed_s'], 'runs': len(r['runs']),
+                      'cpu': r['machine']['cpu'],
                       'load_average': r['load_average']}
                      for path, r in zip(paths, results, strict=True)]
   merged['runs'] = runs

@@ -254,12 +254,8 @@ def rst(
 
   with :math:`u` the unit vector of the part of the last SAM direction
   orthogonal to its :math:`g` (LookSAM; :math:`\alpha_t` is ``reuse``, 0 by
-  default). ``schedule=1, lam=1`` is SAM. The coin is a pure function of
-  ``(seed, t)`` (:func:`rst_optax.decisions`) and the branch is picked with
-  ``jax.lax.cond``: one compiled step, the second gradient on SAM steps only.
-  Put clipping and weight decay *inside* ``rst``, not chained before it.
-  More: :doc:`method`, :doc:`numerics` (precision, NaN, ``vmap``,
-  ``MultiSteps``), :doc:`composing`, :doc:`dispatch`, :doc:`distributed`.
+  default). ``schedule=1, lam=1`` is SAM. Put clipping and weight decay
+  *inside* ``rst``, not chained before it (:doc:`composing`).
 
   Args:
     base_tx: the base optimizer; it receives :math:`d_t`.
@@ -292,6 +288,11 @@ def rst(
     ``grad_fn`` (required, by keyword: ``params -> grads`` on the same batch)
     and ``take_sam`` (optional: a bool or boolean scalar that fixes the
     branch, for host dispatch); other keyword arguments go to ``base_tx``.
+    The coin is a pure function of ``(seed, t)`` (:func:`rst_optax.decisions`)
+    and the branch is picked with ``jax.lax.cond``: one compiled step, the
+    second gradient on SAM steps only. More: :doc:`method`, :doc:`numerics`
+    (precision, NaN, ``vmap``, ``MultiSteps``), :doc:`dispatch`,
+    :doc:`distributed`.
 
   Raises:
     TypeError, ValueError: for a bad argument, when built, in ``init`` or

@@ -197,6 +197,7 @@ def plot(rows, path, title):
                      label=label, **style)
     left.set_yticks([-i for i in range(len(rows))], list(rows))
     left.set_xlabel('test accuracy (%), mean ± s.e.')
+    right.set_xticks([3000, 4000, 5000])
     right.set_xlabel('gradient evaluations')
     right.set_ylabel('test accuracy (%)')
     right.legend(loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=2,

@@ -328,7 +328,8 @@ def test_the_report_writes_every_table_as_one_markdown_page(tmp_path):
   assert report.format_sweep(result['summary']) in page
   assert report.format_stability(result['summary']) in page
   assert '| RST p=0.5 | 0.2 | 66.50 ± 0.50 |' in page
-  assert '| `a.json` | 1.0 | – | – | 1.00 → 2.00 | `part a` |' in page
+  assert '| `a.json` | 1.0 | – | – | 1.00 → 2.00 |' in page
+  assert '```sh\npart a\n```' in page
   assert 'test cpu, 2 cores' in page
 
 

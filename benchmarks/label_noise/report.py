@@ -304,13 +304,14 @@ def markdown(result, name):
           'two parts counted once).']
   if parts:
     out += ['', '| part | minutes | run records | machine | load (1 min) '
-            'start → end | command |', '|---|---:|---:|---|---|---|']
+            'start → end |', '|---|---:|---:|---|---|']
     out += [f'| `{os.path.basename(part["file"])}` | '
             f'{part["elapsed_s"] / 60:.1f} | {part.get("runs", "–")} | '
             f'{part.get("cpu", "–")} | '
             f'{part["load_average"]["start"][0]:.2f} → '
-            f'{part["load_average"]["end"][0]:.2f} | '
-            f'`{part["command"]}` |' for part in parts]
+            f'{part["load_average"]["end"][0]:.2f} |' for part in parts]
+    out += ['', 'The commands of the parts, in that order:', '', '```sh']
+    out += [part['command'] for part in parts] + ['```']
   else:
     out += ['', f'Command: `{result["settings"]["command"]}`']
   out += ['', '## Test accuracy at the radius chosen on validation', '',
@@ -408,7 +409,7 @@ def merge_results(paths):
       'merged_from': list(paths)}
   merged['parts'] = [{'file': path, 'command': r['settings']['command'],
                       'elapsed_s': r['elapsed_s'], 'runs': len(r['runs']),
-                      'cpu': r['machine']['cpu'],
+                      'cpu': r.get('machine', {}).get('cpu', '–'),
                       'load_average': r['load_average']}
                      for path, r in zip(paths, results, strict=True)]
   merged['runs'] = runs

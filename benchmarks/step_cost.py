@@ -818,39 +818,47 @@ def print_goals(checks: list[dict[str, Any]]) -> None:
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
-  """Ratio to the ideal mixture vs p: all rows (log), and a zoom near 1."""
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-  for ax, zoom in zip(axes, (False, True), strict=True):
-    for result, color in zip(results, plt.cm.tab10.colors, strict=False):
-      for mode, style, reuse in (('cond', '--o', False), ('host', '-s', False),
-                                 ('cond', ':^', True), ('host', ':v', True)):
-        rows = [r for r in result['rows']
-                if r['mode'] == mode and bool(r['without_reuse']) == reuse]
-        if not rows:
-          continue
-        ax.plot([r['p'] for r in rows], [r['ratio_to_mixture'] for r in rows],
-                style, color=color,
-                label=f"{result['model']} {result['dtype']}, {mode}"
-                + (f" reuse={rows[0]['reuse']:g}" if reuse else ''))
-    ax.axhline(GOAL_MIXTURE, color='gray', lw=0.8, ls=':',
-               label=f'goal {GOAL_MIXTURE}')
-    ax.axhline(1.0, color='gray', lw=0.5)
-    ax.set_xlabel('p (probability of a SAM step)')
-    if zoom:
-      ax.set_ylim(0.9, 1.2)
-      ax.set_title('zoom near the ideal mixture')
-    else:
-      ax.set_yscale('log')
-      ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-      ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-      ax.set_yticks([1, 2, 5, 10])
-      ax.set_ylabel('step time / ideal mixture (median over rounds)')
-      ax.set_title(f'RST step cost on {jax.default_backend().upper()}: '
-                   'in-graph cond vs host dispatch')
-      ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  """Ratio to the ideal mixture vs p: all rows (log), and a zoom near 1.
+
+  Drawn for a page about 750 px wide: large text, the legend below both
+  panels.
+  """
+  with plt.rc_context({'font.size': 11, 'axes.titlesize': 11,
+                       'legend.fontsize': 9.5}):
+    fig, axes = plt.subplots(1, 2, figsize=(8, 5.2), dpi=150,
+                             layout='constrained')
+    for ax, zoom in zip(axes, (False, True), strict=True):
+      for result, color in zip(results, plt.cm.tab10.colors, strict=False):
+        for mode, style, reuse in (('cond', '--o', False),
+                                   ('host', '-s', False),
+                                   ('cond', ':^', True), ('host', ':v', True)):
+          rows = [r for r in result['rows']
+                  if r['mode'] == mode and bool(r['without_reuse']) == reuse]
+          if not rows:
+            continue
+          ax.plot([r['p'] for r in rows],
+                  [r['ratio_to_mixture'] for r in rows], style, color=color,
+                  label=None if zoom else (
+                      f"{result['model']} {result['dtype']}, {mode}"
+                      + (f" reuse={rows[0]['reuse']:g}" if reuse else '')))
+      ax.axhline(GOAL_MIXTURE, color='gray', lw=0.8, ls=':',
+                 label=None if zoom else f'goal {GOAL_MIXTURE}')
+      ax.axhline(1.0, color='gray', lw=0.5)
+      ax.set_xlabel('p (probability of a SAM step)')
+      if zoom:
+        ax.set_ylim(0.9, 1.2)
+        ax.set_title('zoom near the ideal mixture')
+      else:
+        ax.set_yscale('log')
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yticks([1, 2, 5, 10])
+        ax.set_ylabel('step time / ideal mixture')
+        ax.set_title(f'{jax.default_backend().upper()}: in-graph cond vs '
+                     'host dispatch')
+    fig.legend(loc='outside lower center', ncol=3, frameon=False)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def machine_at_start() -> dict[str, Any]:

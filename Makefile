@@ -61,10 +61,12 @@ bench-label-noise: $(STAMP)
 	$(LABEL_NOISE) --p 0.2 --kinds rst --val-size 600 --epochs 115 --noise 0 --rhos 0.2,0.4 --no-baselines --flat-top 0 --name label_noise_recipe2_clean_rst
 	$(MAKE) label-noise-report
 
-# The pooled reports alone, from the parts' JSON files (seconds).
+# The pooled reports alone, from the parts' JSON files (seconds): the
+# figures and the full tables, benchmarks/results/label_noise*.md.
 label-noise-report: $(STAMP)
 	$(LABEL_NOISE) --name label_noise --from-json $(subst $(eval) ,$(comma),$(foreach p,$(LN_PARTS),$(LN_RESULTS)/label_noise_$(p).json))
 	$(LABEL_NOISE) --name label_noise_recipe2 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(LN_PARTS2),$(LN_RESULTS)/label_noise_$(p).json))
+	$(LABEL_NOISE) --recipes $(LN_RESULTS)/label_noise.json,$(LN_RESULTS)/label_noise_recipe2.json
 
 # The documentation site, offline, with warnings as errors; open
 # docs/_build/html/index.html afterwards.

@@ -9,8 +9,8 @@ the machine's load alike. Results are written after every seed.
 
 Run:  python -m benchmarks.accuracy [--seeds 20 --epochs 100 ...]   (from the
 repository root)
-Writes benchmarks/results/accuracy.json and accuracy.png; prints the tables
-for benchmarks/README.md.
+Writes benchmarks/results/accuracy.json, accuracy.md (every table) and
+accuracy.png; prints the tables.
 """
 
 import argparse
@@ -160,33 +160,53 @@ def format_tables(rows, settings):
 
 
 def plot(rows, path, title):
-  """Accuracy against passes (left) and per configuration (right)."""
+  """Accuracy per configuration (left) and against passes (right).
+
+  Drawn for a page about 750 px wide: large text, and no panel with more
+  than four legend entries (the right panel groups the schedule families of
+  RST and of G-RST, told apart by their markers, named on the left).
+  """
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   markers = {None: 'o', 'constant': 'o', 'piecewise': 's', 'linear': '^',
-             'trigonometric': 'D'}
+             'trigonometric': 'D', 'periodic': 'v'}
   colors = {'sgd': 'C0', 'sam': 'C1', 'rst': 'C2', 'grst': 'C3'}
-  fig, (left, right) = plt.subplots(
-      1, 2, figsize=(11, 4.6), dpi=120, gridspec_kw={'width_ratios': [3, 2]})
-  for i, (name, row) in enumerate(rows.items()):
-    style = dict(fmt=markers[row['schedule']], color=colors[row['method']],
-                 capsize=3, alpha=0.85)
-    acc, sem = 100 * row['test_acc']['mean'], 100 * row['test_acc']['sem']
-    left.errorbar(row['passes']['mean'], acc, yerr=sem, label=name, **style)
-    right.errorbar(acc, -i, xerr=sem, **style)
-  left.set_xlabel('gradient evaluations (forward-backward passes)')
-  left.set_ylabel('test accuracy (%), mean ± s.e. over seeds')
-  left.legend(fontsize=7, ncol=2)
-  right.set_yticks([-i for i in range(len(rows))], list(rows), fontsize=7)
-  right.set_xlabel('test accuracy (%), mean ± s.e.')
-  for ax in (left, right):
-    ax.grid(alpha=0.3)
-  fig.suptitle(textwrap.fill(title, 150), fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  names = {'sgd': 'SGD', 'sam': 'SAM', 'rst': 'RST (λ = 1)',
+           'grst': 'G-RST (λ = 1/p)'}
+  with plt.rc_context({'font.size': 11, 'axes.titlesize': 11,
+                       'legend.fontsize': 10}):
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(8, 4.8), dpi=150, layout='constrained',
+        gridspec_kw={'width_ratios': [1, 1]})
+    shown = set()
+    families = list(dict.fromkeys(row['schedule'] for row in rows.values()
+                                  if row['schedule']))
+    for i, row in enumerate(rows.values()):
+      style = dict(fmt=markers[row['schedule']], color=colors[row['method']],
+                   capsize=3, ms=6)
+      acc, sem = 100 * row['test_acc']['mean'], 100 * row['test_acc']['sem']
+      left.errorbar(acc, -i, xerr=sem, **style)
+      # The families sit at the same passes: spread them a little apart.
+      shift = (families.index(row['schedule']) - (len(families) - 1) / 2
+               if row['schedule'] else 0)
+      label = (names[row['method']] if row['method'] not in shown else None)
+      shown.add(row['method'])
+      right.errorbar(row['passes']['mean'] + 40 * shift, acc, yerr=sem,
+                     label=label, **style)
+    left.set_yticks([-i for i in range(len(rows))], list(rows))
+    left.set_xlabel('test accuracy (%), mean ± s.e.')
+    right.set_xticks([3000, 4000, 5000])
+    right.set_xlabel('gradient evaluations')
+    right.set_ylabel('test accuracy (%)')
+    right.legend(loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=2,
+                 frameon=False)
+    for ax in (left, right):
+      ax.grid(alpha=0.3)
+    fig.suptitle(textwrap.fill(title, 95), fontsize=9)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def title_of(settings):
@@ -198,17 +218,33 @@ def title_of(settings):
       f'dispatch {settings["dispatch"]}')
 
 
-def report(result, out):
-  """Prints the tables and verdicts; writes the plot."""
+def markdown(result):
+  """The whole report as one Markdown page (``accuracy.md``)."""
   table, verdicts = format_tables(result['summary'], result['settings'])
-  plot(result['summary'], os.path.join(out, 'accuracy.png'),
-       title_of(result['settings']))
   machine, load = result['machine'], result['load_average']
   end = load['after_seed'][-1] if load.get('after_seed') else float('nan')
-  print(f'\n{table}\n\n{verdicts}\n')
-  print(f'Machine: {machine["cpu"]}, {machine["cores"]} cores, jax '
-        f'{machine["jax"]}; load average {load["start"][0]:.2f} at start, '
-        f'{end:.2f} at end; {result["elapsed_s"] / 60:.1f} min in all.')
+  return '\n'.join([
+      '# Accuracy per compute: full results', '',
+      'Generated from `accuracy.json` (`python -m benchmarks.accuracy '
+      '--from-json`, or the run itself); do not edit.', '',
+      f'Settings: {title_of(result["settings"])}.', '',
+      f'Machine: {machine["cpu"]}, {machine["cores"]} cores, jax '
+      f'{machine["jax"]}; load average {load["start"][0]:.2f} at start, '
+      f'{end:.2f} at end; {result["elapsed_s"] / 60:.1f} min in all.', '',
+      table, '', '"Gradient evaluations" is steps + SAM steps (mean over '
+      'seeds); "× SAM time" is the mean over seeds of the per-seed ratio of '
+      'wall-clock to SAM\'s, while "wall-clock s" is the plain mean; s.e. = '
+      'std / √seeds.', '', '## Goals', '', verdicts]) + '\n'
+
+
+def report(result, out):
+  """Prints the tables and verdicts; writes ``accuracy.md`` and the plot."""
+  plot(result['summary'], os.path.join(out, 'accuracy.png'),
+       title_of(result['settings']))
+  page = markdown(result)
+  with open(os.path.join(out, 'accuracy.md'), 'w', encoding='utf-8') as f:
+    f.write(page)
+  print(page)
 
 
 def main(argv=None):

@@ -165,6 +165,8 @@ def markdown(sizes: list[dict[str, Any]]) -> str:
 DODGE = 1.2
 
 
+@matplotlib.rc_context({'font.size': 11, 'axes.titlesize': 11,
+                        'legend.fontsize': 9})  # for a page ~750 px wide
 def plot(sizes: list[dict[str, Any]], path: str, backend: str | None = None
          ) -> None:
   """Ratio to the mixture against parameters (left), p = 0 overhead (right).
@@ -177,7 +179,8 @@ def plot(sizes: list[dict[str, Any]], path: str, backend: str | None = None
   marker. ``backend`` names the machine in the title (default: this one's).
   """
   backend = backend or jax.default_backend()
-  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(8, 5.8), dpi=150,
+                                    layout='constrained')
   for family, color in (('mlp', 'C0'), ('cnn', 'C1')):
     ours = sorted((s for s in sizes if s['family'] == family),
                   key=lambda s: s['parameters'])
@@ -212,7 +215,7 @@ def plot(sizes: list[dict[str, Any]], path: str, backend: str | None = None
   left.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
   left.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   left.set_ylabel(f'step time / ideal mixture at p = {P:g}')
-  left.set_title(f'RST step cost against model size ({backend.upper()})')
+  left.set_title(f'step cost against model size ({backend.upper()})')
   right.set_ylabel('rst at p = 0 / base optimizer')
   right.set_title('overhead of the transformation')
   for ax in (left, right):
@@ -220,10 +223,29 @@ def plot(sizes: list[dict[str, Any]], path: str, backend: str | None = None
     ax.axhline(1.0, color='gray', lw=0.5)
     ax.set_xlabel('parameters')
     ax.grid(alpha=0.3, which='both')
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  right.legend()
+  fig.legend(*left.get_legend_handles_labels(), loc='outside lower center',
+             ncol=3, frameon=False)
+  fig.savefig(path)
   plt.close(fig)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+  """A saved scaling report as one Markdown page: the table and goals."""
+  lines = ['# Step cost against model size: full results', '',
+           'Generated from `scaling.json` (`python -m benchmarks.scaling '
+           '--from-json`, or the run itself); do not edit.', '',
+           step_cost.machine_line(report), '', markdown(report['sizes']), '',
+           '## Goals', '', '| goal | measured | verdict |', '|---|---|---|']
+  lines += [f"| {c['goal']} | {c['measured']} | "
+            f"{'met' if c['met'] else '**missed**'} |"
+            for c in report['goals']]
+  return '\n'.join(lines) + '\n'
+
+
+def write_markdown(report: dict[str, Any], out: str) -> None:
+  with open(os.path.join(out, 'scaling.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown_report(report))
 
 
 def replot(json_path: str, out: str) -> dict[str, Any]:
@@ -237,6 +259,7 @@ def replot(json_path: str, out: str) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   plot(report['sizes'], os.path.join(out, 'scaling.png'),
        backend=report['machine'].get('backend'))
+  write_markdown(report, out)
   return report
 
 
@@ -256,8 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--max-steps', type=int, default=20,
                       help='most steps per configuration per round')
   parser.add_argument('--from-json', metavar='PATH',
-                      help='no timing: print the table and draw the plot '
-                      'again from a saved scaling.json, into --out')
+                      help='no timing: print the table, write scaling.md and draw '
+                      'the plot again from a saved scaling.json, into --out')
   step_cost.add_timing_flags(parser)
   args = parser.parse_args(argv)
   if not args.mlp_widths + args.cnn_widths or min(
@@ -298,6 +321,7 @@ def main(argv=None) -> dict[str, Any]:
       os.path.join(args.out, 'scaling.json'), info, start, args, p=P,
       sizes=sizes, goals=checks)
   plot(sizes, os.path.join(args.out, 'scaling.png'))
+  write_markdown(report, args.out)
   return report
 
 

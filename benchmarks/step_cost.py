@@ -763,6 +763,52 @@ def markdown_compile(result: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def markdown_goals(checks: list[dict[str, Any]]) -> str:
+  """The goals and their verdicts, in Markdown."""
+  lines = ['| model | goal | measured | verdict |', '|---|---|---|---|']
+  lines += [f"| {c.get('model', '')} | {c['goal']} | {c['measured']} | "
+            f"{'met' if c['met'] else '**missed**'} |" for c in checks]
+  return '\n'.join(lines)
+
+
+def machine_line(report: dict[str, Any], seconds: str = 'total_s') -> str:
+  """The machine, versions, load and run time of a saved report."""
+  m = report['machine']
+  versions = ', '.join(f'{k} {m[k]}' for k in ('jax', 'optax', 'flax',
+                                                'python') if m.get(k))
+  start, end = m.get('load_average_start'), m.get('load_average_end')
+  load = (f'; load average (1 min) {start[0]:.2f} at the start, '
+          f'{end[0]:.2f} at the end' if start and end else '')
+  return (f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+          f"{m.get('backend', '?')} backend; {versions}{load}; "
+          f'{report[seconds]:.0f} s in all.')
+
+
+def markdown_report(report: dict[str, Any], title: str) -> str:
+  """A saved step-cost report as one Markdown page: every table."""
+  out = [f'# {title}', '',
+         'Generated from the JSON report by `--from-json` (or by the run '
+         'itself); do not edit.', '', machine_line(report), '']
+  if 'decisions_chunk_ms' in report:
+    out += [f"Host decisions: {report['decisions_chunk_ms']:.2f} ms per "
+            'chunk of 4096 steps (`rst_optax.decisions`), '
+            f"{1e3 * report['decisions_chunk_ms'] / 4096:.1f} µs per step "
+            'amortized.', '']
+  for result in report['results']:
+    out += [markdown_rows(result), '']
+    if markdown_reuse(result):
+      out += [markdown_reuse(result), '']
+    if 'compile' in result:
+      out += [markdown_compile(result), '']
+  out += ['## Goals', '', markdown_goals(report['goals'])]
+  return '\n'.join(out) + '\n'
+
+
+def write_markdown(report: dict[str, Any], path: str, title: str) -> None:
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(markdown_report(report, title))
+
+
 def print_goals(checks: list[dict[str, Any]]) -> None:
   print(f'\ngoals (recommended dispatch here: '
         f'{rst_optax.recommended_dispatch()})')
@@ -772,39 +818,47 @@ def print_goals(checks: list[dict[str, Any]]) -> None:
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
-  """Ratio to the ideal mixture vs p: all rows (log), and a zoom near 1."""
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-  for ax, zoom in zip(axes, (False, True), strict=True):
-    for result, color in zip(results, plt.cm.tab10.colors, strict=False):
-      for mode, style, reuse in (('cond', '--o', False), ('host', '-s', False),
-                                 ('cond', ':^', True), ('host', ':v', True)):
-        rows = [r for r in result['rows']
-                if r['mode'] == mode and bool(r['without_reuse']) == reuse]
-        if not rows:
-          continue
-        ax.plot([r['p'] for r in rows], [r['ratio_to_mixture'] for r in rows],
-                style, color=color,
-                label=f"{result['model']} {result['dtype']}, {mode}"
-                + (f" reuse={rows[0]['reuse']:g}" if reuse else ''))
-    ax.axhline(GOAL_MIXTURE, color='gray', lw=0.8, ls=':',
-               label=f'goal {GOAL_MIXTURE}')
-    ax.axhline(1.0, color='gray', lw=0.5)
-    ax.set_xlabel('p (probability of a SAM step)')
-    if zoom:
-      ax.set_ylim(0.9, 1.2)
-      ax.set_title('zoom near the ideal mixture')
-    else:
-      ax.set_yscale('log')
-      ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-      ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-      ax.set_yticks([1, 2, 5, 10])
-      ax.set_ylabel('step time / ideal mixture (median over rounds)')
-      ax.set_title(f'RST step cost on {jax.default_backend().upper()}: '
-                   'in-graph cond vs host dispatch')
-      ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  """Ratio to the ideal mixture vs p: all rows (log), and a zoom near 1.
+
+  Drawn for a page about 750 px wide: large text, the legend below both
+  panels.
+  """
+  with plt.rc_context({'font.size': 11, 'axes.titlesize': 11,
+                       'legend.fontsize': 9.5}):
+    fig, axes = plt.subplots(1, 2, figsize=(8, 5.2), dpi=150,
+                             layout='constrained')
+    for ax, zoom in zip(axes, (False, True), strict=True):
+      for result, color in zip(results, plt.cm.tab10.colors, strict=False):
+        for mode, style, reuse in (('cond', '--o', False),
+                                   ('host', '-s', False),
+                                   ('cond', ':^', True), ('host', ':v', True)):
+          rows = [r for r in result['rows']
+                  if r['mode'] == mode and bool(r['without_reuse']) == reuse]
+          if not rows:
+            continue
+          ax.plot([r['p'] for r in rows],
+                  [r['ratio_to_mixture'] for r in rows], style, color=color,
+                  label=None if zoom else (
+                      f"{result['model']} {result['dtype']}, {mode}"
+                      + (f" reuse={rows[0]['reuse']:g}" if reuse else '')))
+      ax.axhline(GOAL_MIXTURE, color='gray', lw=0.8, ls=':',
+                 label=None if zoom else f'goal {GOAL_MIXTURE}')
+      ax.axhline(1.0, color='gray', lw=0.5)
+      ax.set_xlabel('p (probability of a SAM step)')
+      if zoom:
+        ax.set_ylim(0.9, 1.2)
+        ax.set_title('zoom near the ideal mixture')
+      else:
+        ax.set_yscale('log')
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yticks([1, 2, 5, 10])
+        ax.set_ylabel('step time / ideal mixture')
+        ax.set_title(f'{jax.default_backend().upper()}: in-graph cond vs '
+                     'host dispatch')
+    fig.legend(loc='outside lower center', ncol=3, frameon=False)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def machine_at_start() -> dict[str, Any]:
@@ -887,6 +941,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--compile-repeats', type=int, default=3,
                       help='compilations per step for the compile-time table '
                            '(median); 0: no table')
+  parser.add_argument('--from-json', metavar='PATH',
+                      help='no timing: write step_cost.md and the plot again '
+                      'from a saved step_cost.json, into --out')
   args = parser.parse_args(argv)
   args.models = args.models.split(',')
   unknown = [m for m in args.models if m not in MODELS]
@@ -906,8 +963,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+TITLE = 'Step cost: full results'
+
+
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.from_json:
+    with open(args.from_json) as f:
+      saved = json.load(f)
+    os.makedirs(args.out, exist_ok=True)
+    write_markdown(saved, os.path.join(args.out, 'step_cost.md'), TITLE)
+    plot(saved['results'], os.path.join(args.out, 'step_cost.png'))
+    print(markdown_report(saved, TITLE))
+    return saved
   start = time.perf_counter()
   info = machine_at_start()
   rng = np.random.default_rng(args.seed)
@@ -934,6 +1002,7 @@ def main(argv=None) -> dict[str, Any]:
       'constant, no cond); f = SAM fraction of the window',
       decisions_chunk_ms=1e3 * chunk_s, results=results, goals=checks)
   plot(results, os.path.join(args.out, 'step_cost.png'))
+  write_markdown(report, os.path.join(args.out, 'step_cost.md'), TITLE)
   return report
 
 

@@ -58,7 +58,8 @@ copybutton_only_copy_prompt_lines = False
 
 html_theme = 'furo'
 html_title = f'rst_optax {release}'
-html_static_path = []
+html_static_path = ['_static']
+html_css_files = ['custom.css']  # layout fixes: display math, wide tables
 
 
 # Type aliases are plain unions at run time, so autodoc would print them

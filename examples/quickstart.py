@@ -37,7 +37,8 @@ def main(steps=300, batch_size=64):
 
   params = init_mlp(key_model)
   # The quick start's configuration (docs/getting_started.md): a SAM step
-  # every other step with lam = 1 / mean p = 2, at 0.75x SAM's passes.
+  # every other step with lam = 2, at 0.75x SAM's passes (at smaller p, keep
+  # lam = 1: see "Which schedule and rho?" in docs/method.md).
   tx = rst_optax.rst(optax.sgd(0.1, momentum=0.9),
                      schedule=rst_optax.schedules.periodic(2), rho=0.05,
                      lam=2.0)

@@ -17,6 +17,7 @@ The example uses the public API only and runs in seconds on a CPU.
 
 import argparse
 import os
+import sys
 from typing import Any
 
 import jax
@@ -112,6 +113,17 @@ def plot(paths: dict[str, jax.Array], passes: dict[str, int], out: str
   plt.close(fig)
 
 
+def require_matplotlib() -> None:
+  """Exits with a message naming the extra, before any work, without
+  matplotlib (the figure needs it; the core install does not bring it)."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    sys.exit('examples.toy_2d: the figure needs matplotlib, which the core '
+             'install does not bring. From a clone: pip install ".[examples]" '
+             '(or pip install matplotlib).')
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--steps', type=int, default=1500)
@@ -123,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                       help='the figure (docs/figures/toy_2d.png on the '
                       'method page)')
   args = parser.parse_args(argv)
+  require_matplotlib()
   start = jnp.array(START)
   paths, results = {}, {}
   for name, tx in optimizers(args.lr, args.rho, args.seed).items():

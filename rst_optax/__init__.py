@@ -7,7 +7,7 @@ from rst_optax._dispatch import HostDispatch, recommended_dispatch
 from rst_optax._rst import RSTReuseState, RSTState, rst
 from rst_optax._types import GradFn, ScalarOrSchedule, Seed
 
-__version__ = '0.2.0'
+__version__ = '0.2.0.dev0'
 
 __all__ = [
     'GradFn',

@@ -142,53 +142,17 @@ class HostDispatch:
   Wraps ``train_step(..., take_sam: bool)``, a plain (not yet jitted) function
   that calls ``tx.update(..., take_sam=take_sam)`` once, in ``jax.jit`` with
   ``take_sam`` static, so it compiles at most twice (once per branch). Each
-  call runs it with the decision of the current step, from
-  :func:`rst_optax.iter_decisions` with the schedule and seed of ``tx``, read
-  from the transformation itself, and moves to the next step. The run takes
-  exactly the branches of the in-graph ``lax.cond`` of ``rst``, and its
-  results agree with it to floating-point rounding (the two are different
-  compiled programs, which XLA may round differently: bit-identical with SGD
-  in the tests, last bits apart with Adam); pass ``jit=flax.nnx.jit`` for NNX
-  objects.
-
-  Pick it where control flow costs: on XLA:CPU a convolution's gradient inside
-  ``lax.cond`` runs 10-100x slower than outside (jax issue #12868); see
-  :func:`recommended_dispatch`. The decisions need no device-to-host transfer.
-
-  .. warning::
-    The host counts calls; ``rst`` counts its ``update`` calls. Every
-    ``check_every`` calls, HostDispatch compares the two, off the hot path:
-    it keeps the ``RSTState.count`` that a call returned, starts its copy to
-    the host, and reads it ``check_every`` calls later. If they differ it
-    raises a RuntimeError. This catches wrappers that skip or repeat
-    ``rst``'s update, such as ``optax.MultiSteps(rst(...))`` or
-    ``optax.apply_if_finite(rst(...))``, which host dispatch does not
-    support: wrap the *base* optimizer instead, as in
-    ``rst(optax.apply_if_finite(base_tx, n))``, or use the in-graph coin.
-    It reads every ``RSTState`` (and ``RSTReuseState``) in the output, and
-    catches a count that lags (a skipped update) or runs ahead (``update``
-    called twice per step); it also compares each state's key with the key
-    of ``tx``'s seed.
-
-  .. warning::
-    The decisions come from ``tx``'s schedule and seed; ``rst``'s state holds
-    its key but not its schedule. So a different ``rst`` in ``train_step``
-    than the ``tx`` given here is caught only in these cases: when
-    ``HostDispatch`` is built, if ``train_step`` refers by name (a closure
-    variable or a global, also in a function it refers to by name, or an
-    argument of a ``functools.partial``) to an ``rst`` whose coin differs;
-    at the first call, if an argument is such an ``rst`` or holds one as
-    ``.tx`` (a Flax ``TrainState``, an ``nnx.Optimizer``); and, whatever
-    the path, at the periodic check and in :meth:`check_state` if its seed
-    differs. Two coins are taken to differ when their keys differ or their
-    p(t) differs at one of the first 256 steps or next to a power of two.
-    Not caught: an ``rst`` with the same seed and another schedule that
-    ``train_step`` reaches in another way (built inside it, held in a
-    container or an NNX graph), or whose p(t) differs only at other steps.
-
-  A NaN p(t) raises a ValueError at the call of that step, before
-  ``train_step`` runs (the decisions are computed a chunk at a time, but
-  checked step by step); :attr:`step` stays at that step.
+  call runs the current step's decision, from :func:`rst_optax.iter_decisions`
+  with ``tx``'s schedule and seed, with no device-to-host transfer. The run
+  takes exactly the branches of ``rst``'s in-graph ``lax.cond``, and agrees
+  with it to floating-point rounding. Pick it where control flow costs: on
+  XLA:CPU a convolution's gradient inside ``lax.cond`` runs 10-100x slower
+  (:func:`recommended_dispatch`). Every ``check_every`` calls it checks, off
+  the hot path, that ``rst``'s step count moved with the host's, which
+  catches wrappers that skip or repeat ``rst``'s update
+  (``optax.MultiSteps(rst(...))``, ``optax.apply_if_finite(rst(...))``: wrap
+  the *base* optimizer instead). What it checks and refuses:
+  :doc:`dispatch`.
 
   Args:
     train_step: ``train_step(*args, take_sam, **kwargs)``; ``take_sam`` is
@@ -197,37 +161,23 @@ class HostDispatch:
       :class:`RSTState`, which the periodic step check reads.
     tx: the transformation returned by :func:`rst_optax.rst`, whose
       ``update`` ``train_step`` calls; its schedule and seed decide the
-      branches (see the second warning above for what is checked).
+      branches.
     start: the first step; ``int(opt_state.count)`` to resume a run.
     chunk_size: decisions computed at a time (see
       :func:`rst_optax.iter_decisions`).
     take_sam_argname: the name of ``train_step``'s decision argument.
     check_every: compare ``rst``'s step count with the host's every this
-      many calls (see the first warning above); ``0`` or ``None`` turns the
-      check off.
+      many calls; ``0`` or ``None`` turns the check off.
     jit: the function that jits ``train_step``: ``jax.jit``, or for example
-      ``flax.nnx.jit`` when ``train_step`` takes NNX objects. It must accept
-      ``static_argnames``, except ``equinox.filter_jit``, which holds the
-      Python bool ``take_sam`` static by itself.
+      ``flax.nnx.jit`` for NNX objects. It must accept ``static_argnames``,
+      except ``equinox.filter_jit``, which holds ``take_sam`` static itself.
     **jit_kwargs: passed to ``jit`` (``donate_argnums``, other
       ``static_argnames``, shardings, ...).
 
   Raises:
-    TypeError: when built, if ``train_step`` is not callable or does not
-      take ``take_sam_argname`` as a keyword argument, ``tx`` is not the
-      transformation returned by :func:`rst_optax.rst` (a wrapper around it
-      is refused too), ``jit`` is not callable, ``take_sam_argname`` is not a
-      parameter name, or ``start``, ``chunk_size`` or ``check_every`` is not
-      an int. When called, if ``take_sam`` is passed, or the periodic check
-      finds no :class:`RSTState` in ``train_step``'s output or arguments.
-    ValueError: when built, if ``start`` is outside [0, 2**31 - 1],
-      ``chunk_size < 1``, ``check_every < 0``, ``tx``'s schedule is not a
-      valid probability, or ``train_step`` refers by name to an ``rst`` whose
-      coin differs from ``tx``'s (see the second warning above). When
-      called, if an argument is (or holds as ``.tx``) such an ``rst``, or
-      the schedule is NaN at the step.
-    RuntimeError: when called, if ``rst``'s step count drifted from the
-      host's (see the warning above), or past the int32 step limit.
+    TypeError, ValueError, RuntimeError: for a bad argument when built, a
+      NaN p(t) or a different ``rst`` when called, or a step count that
+      drifted from the host's: see :ref:`hostdispatch-errors`.
 
   Attributes:
     step: the step the next call runs (``start`` plus the calls so far).

@@ -386,8 +386,11 @@ def rst(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Randomized Sharpness-Aware Training (RST, and G-RST with ``lam``).
 
-  At step :math:`t`, with :math:`g = \nabla L_B(w)` the incoming updates, draw
-  :math:`X_t \sim \mathrm{Bernoulli}(p(t))` and feed the base optimizer
+  Each step flips a coin: with probability p(t) it is a SAM step, which
+  evaluates the gradient a second time at perturbed parameters; otherwise the
+  gradient goes to the base optimizer as it is. At step :math:`t`, with
+  :math:`g = \nabla L_B(w)` the incoming updates and
+  :math:`X_t \sim \mathrm{Bernoulli}(p(t))`, the base optimizer receives
 
   .. math::
 
@@ -397,206 +400,59 @@ def rst(
       g + \alpha_t \|g\|_2\, u & X_t = 0 \text{ (base branch)}
     \end{cases}
     \qquad
-    \epsilon_t = \rho_t \frac{g}{\|g\|_2 + \varepsilon}.
+    \epsilon_t = \rho_t \frac{g}{\|g\|_2 + \varepsilon},
 
-  :math:`\alpha_t` is ``reuse`` (LookSAM; 0 by default, and the base branch
-  is then :math:`g` itself). Each SAM step keeps the unit vector
-  :math:`u = g_v / \|g_v\|_2` of the part of its direction :math:`d_t` that
-  :math:`g` lacks, :math:`g_v = d_t - (\langle d_t, g\rangle / \|g\|_2^2)\,
-  g`; the base steps after it add :math:`u` back at the scale of their own
-  gradient, which is Liu et al.'s :math:`g + \alpha (\|g\| / \|g_v\|)\,
-  g_v`. It costs no extra gradient: one parameter-sized buffer
-  (:class:`RSTReuseState`) and a few reductions. With ``lam``, :math:`d_t`
-  is the mixed direction, whose :math:`g_v` is :math:`\lambda_t` times
-  that of :math:`\nabla L_B(w + \epsilon_t)`: the same :math:`u` for
-  :math:`\lambda_t > 0`. LookSAM itself is ``schedules.periodic(k)`` with
-  ``reuse``. Until the first SAM step, and after a SAM step whose
-  :math:`g_v` was zero or not finite (a NaN or Inf in :math:`g`, say), :math:`u`
-  is zero and base steps are plain; so is a base step whose :math:`g` is not
-  finite or whose :math:`\alpha_t` is not positive. With ``reuse_window``
-  :math:`k`, a base step at step :math:`t` reuses only if the last SAM step
-  :math:`s` was at most :math:`k` steps before, :math:`t - s \le k`
-  (:math:`\alpha_t` is taken as 0 otherwise).
-
-  With ``adaptive=True`` (ASAM) the perturbation is
-  :math:`\epsilon_t = \rho_t\, s^2 g / (\| s g \|_2 + \varepsilon)` with
-  :math:`s = |w| + \eta`. ``lam = 1`` is plain RST; ``schedule = 1, lam = 1``
-  is SAM. Conditioned on :math:`w`, the expected direction is
-  :math:`(1 - p\lambda)\, g + p\lambda\, \nabla L_B(w + \epsilon)`: a
-  gradient-norm penalty of weight :math:`p\lambda` times SAM's, which
-  :func:`rst_optax.schedules.matching_lam` sets to any target.
-
-  The coin is ``jax.random.bernoulli(jax.random.fold_in(key, t), p(t))``, a pure
-  function of ``(seed, t)`` shared with :func:`rst_optax.decisions`. The branch
-  is picked with ``jax.lax.cond``, so a jitted train step compiles once and runs
-  the second gradient only on SAM steps. When ``schedule`` is the Python number
-  ``0`` or ``1`` the decision is known when tracing and no ``cond`` between the
-  branches is traced: ``0`` traces the base branch alone, ``1`` the SAM branch
-  alone, which on CPU still holds one ``jax.lax.cond`` of its own, on a
-  scalar, that picks how the perturbation's norm is computed (it holds no
-  gradient; with ``reuse``, a few more, on scalars too, pick how the sums of
-  :math:`u` are computed).
-
-  ``update`` takes, besides the usual arguments:
-
-  - ``grad_fn`` (required, by keyword): ``grad_fn(params) -> grads``, the
-    minibatch gradient at other parameters, closing over the same batch. Its
-    output is checked when tracing: the tree structure and shapes of
-    ``params``, real floating dtypes. With BatchNorm, let it discard the
-    statistics of the perturbed pass and keep those of your first.
-  - ``take_sam`` (optional): a Python bool fixes the branch when tracing (no
-    ``cond`` between the branches; for host-side dispatch with
-    :func:`rst_optax.decisions`), a
-    boolean scalar array overrides the coin inside the ``cond``. Either way the
-    caller is responsible for it matching the coin if the run must be
-    reproducible.
-  - any other keyword arguments are forwarded to ``base_tx.update``.
-
-  Precision: each leaf is perturbed in its own dtype and at least float32
-  (bfloat16 and float16 in float32, float64 under ``jax_enable_x64`` in
-  float64, with ``rho`` and ``lam`` in float64 too), then rounded back. The
-  gradient norm is scaled by its largest entry, so any finite gradient takes
-  its SAM step, however large its entries. ``rho = 0`` gives exactly the base
-  direction, at any ``lam``. Complex (and integer) parameters are refused.
-
-  Numerical faults lose nothing silently. If :math:`g` has a NaN or Inf entry,
-  the SAM branch feeds :math:`g` itself to the base optimizer (its perturbation
-  would be NaN everywhere), so the updates are non-finite exactly where the
-  base optimizer's alone would be; ``grad_fn`` still runs on that step and
-  ``sam_steps`` still counts it. A NaN or Inf in ``grad_fn``'s output is never
-  masked: it reaches the updates. Wrap the *base* optimizer,
-  ``rst(optax.apply_if_finite(base_tx, n), ...)``, to skip such a step: the
-  base state and parameters are left as they were while ``count`` and
-  ``sam_steps`` advance, so the coin stays aligned with the step index.
-  Schedules can return values that cannot be checked at construction: a NaN
-  p(t) takes no SAM step, and a negative or NaN rho(t) is taken as 0 (the SAM
-  step evaluates ``grad_fn`` at :math:`w` itself). A NaN lam(t) reaches the
-  updates.
-
-  .. warning::
-    Transformations chained *before* ``rst``, as in
-    ``optax.chain(optax.clip_by_global_norm(1.0), rst(base_tx))``, are
-    bypassed on SAM steps: the direction then comes from ``grad_fn``, which
-    never goes through them. Put gradient clipping, weight decay and every
-    other gradient transformation *inside*:
-    ``rst(optax.chain(optax.clip_by_global_norm(1.0), base_tx))``.
-    ``rst`` cannot detect a transformation before it, since it only sees the
-    transformed gradient. Inside ``optax.masked`` or ``optax.multi_transform``
-    it raises; use ``rst(optax.multi_transform(...))`` and ``mask``.
-
-  .. warning::
-    Under ``jax.vmap`` with a batched state (one coin per member, e.g. an
-    ensemble over seeds), ``jax.lax.cond`` becomes a select: both branches
-    run on every step, so every step pays for ``grad_fn``; the results are
-    unchanged. With the state shared over the mapped axis the ``cond`` stays.
-
-  .. warning::
-    ``optax.MultiSteps(rst(...), k)`` is not the full-batch RST step: one coin
-    is drawn per outer step and the perturbation follows the accumulated
-    gradient, but the SAM gradient is ``grad_fn`` of the last micro-step only,
-    and ``grad_fn`` runs on all k micro-steps of a SAM step. With ``reuse``
-    the kept :math:`u` comes from that micro-batch too, so the base steps
-    differ as well. Accumulate both gradients inside the train step instead
-    (``optax.microbatch`` for the first gradient and for ``grad_fn``).
+  with :math:`u` the unit vector of the part of the last SAM direction
+  orthogonal to its :math:`g` (LookSAM; :math:`\alpha_t` is ``reuse``, 0 by
+  default, and 0 more than ``reuse_window`` steps after the last SAM
+  step). ``schedule=1, lam=1`` is SAM. Put clipping and weight decay
+  *inside* ``rst``, not chained before it (:doc:`composing`).
 
   Args:
-    base_tx: the base optimizer, any ``optax.GradientTransformation``; it
-      receives :math:`d_t` and the extra keyword arguments.
-    schedule: p(t), the probability of a SAM step: a float in [0, 1] or an
-      ``optax.Schedule`` returning a scalar; its values are clipped to [0, 1].
-    rho: perturbation radius :math:`\rho`, ``>= 0``; a float or a schedule.
+    base_tx: the base optimizer; it receives :math:`d_t`.
+    schedule: p(t), the probability of a SAM step: a float in [0, 1] or a
+      schedule (its values are clipped to [0, 1]).
+    rho: perturbation radius :math:`\rho \ge 0`; a float or a schedule.
     lam: G-RST mixing weight :math:`\lambda`; a float or a schedule.
-    seed: an int in [-2**63, 2**63 - 1] or a JAX PRNG key (a typed key of any
+    seed: an int in [-2**63, 2**63 - 1] or a JAX PRNG key (typed, of any
       implementation, or raw ``uint32`` key data of the default one).
     reuse: LookSAM's :math:`\alpha \ge 0`, how much of the last SAM step's
-      direction each base step reuses; a float or a schedule (a negative or
-      NaN value from a schedule, or in a JAX array as
-      ``optax.inject_hyperparams`` passes it, is taken as 0). ``None``
-      (default) or a Python or NumPy number equal to 0: no reuse, no
-      buffer, and the state is :class:`RSTState`. Any other value, a 0-d
-      array too, keeps the buffer and gives an :class:`RSTReuseState`. In
-      the benchmarks, 0.5 with
-      ``schedule=schedules.periodic(5)`` (LookSAM) reached SAM's accuracy
-      at 0.6x its gradient evaluations with noisy labels, not on clean ones.
-    reuse_window: with ``reuse``, the most steps :math:`k \ge 1` after a SAM
-      step at which a base step still reuses its direction; later base steps
-      are plain until the next SAM step. A Python int (static: under
-      ``optax.inject_hyperparams`` pass ``static_args=('reuse_window',)``).
-      ``schedules.periodic(m)`` with ``reuse_window >= m - 1`` is LookSAM
-      exactly; with a random coin it keeps long gaps from reusing a stale
-      direction. The state then holds the step of the last SAM step
-      (:class:`RSTReuseState`'s ``last_sam_step``). ``None`` (default): no
-      bound.
-    adaptive: use the ASAM perturbation (element-wise scaled by
-      :math:`|w| + \eta`).
-    eta: ASAM's :math:`\eta \ge 0`, so that parameters at zero are perturbed
-      too (Kwon et al. use 0.01); only used with ``adaptive=True``.
-    eps: :math:`\varepsilon` in the normalization, at least float32's
-      smallest normal number (about 1.2e-38); keeps a zero gradient finite.
-      ``None`` (default) is 1e-12; being None, ``optax.inject_hyperparams``
-      leaves it alone rather than cast it to 16-bit parameters' dtype.
-    mask: which parameters are perturbed: a pytree of Python bools with the
-      structure of the parameters (or a prefix of it), or a callable that
-      returns one from the parameters, as in ``optax.add_decayed_weights``.
-      ``True`` leaves are perturbed, and the norm is taken over them alone;
-      ``False`` leaves stay where they are. ``grad_fn`` and the direction
-      still cover every parameter. ``None`` (default) perturbs all.
-    axis_name: when the train step runs under ``shard_map``/``pmap`` with
-      per-device gradients, the mapped axis over which the SAM gradient is
-      averaged with ``jax.lax.pmean`` (average your first gradient the same
-      way before calling ``update``). ``grad_fn`` then returns this device's
-      gradient on its shard of the batch: it is called on parameters marked
-      varying over the axis, so that ``jax.grad`` under ``shard_map`` with
-      ``check_vma=True`` does not sum it over devices (take your first
-      gradient at ``jax.lax.pcast(params, axis_name, to='varying')`` for the
-      same reason). ``None`` (default) for ``jax.jit`` with shardings, where
-      gradients are already global.
-    perturbation: with ``axis_name``, where the SAM perturbation comes from.
-      ``'global'`` (default): from ``updates``, which must already be the
-      gradient averaged over ``axis_name``, so every device perturbs alike and
-      the step equals a single-device step on the whole batch. ``'local'``
-      (m-sharpness, as in Foret et al.): ``updates`` is each device's own
-      gradient; each device perturbs with it and evaluates ``grad_fn`` on its
-      shard, and both gradients are averaged over ``axis_name`` by the
-      transformation (the base branch and the base optimizer see the average).
-      ``'local'`` needs ``axis_name``.
+      direction each base step reuses; a float or a schedule. ``None``
+      (default) or a number equal to 0: no reuse, state :class:`RSTState`;
+      otherwise :class:`RSTReuseState`, one parameter-sized buffer more.
+      LookSAM is ``schedule=schedules.periodic(k)`` with ``reuse``.
+    reuse_window: with ``reuse``, a Python int :math:`k \ge 1`: a base step
+      reuses only if the last SAM step was at most :math:`k` steps before
+      (``periodic(m)`` with :math:`k \ge m - 1` is LookSAM exactly).
+      ``None`` (default): no bound.
+    adaptive: use the ASAM perturbation, scaled by :math:`|w| + \eta`.
+    eta: ASAM's :math:`\eta \ge 0`; only used with ``adaptive=True``.
+    eps: :math:`\varepsilon`, at least float32's smallest normal number;
+      ``None`` (default) is 1e-12.
+    mask: which parameters are perturbed (the norm is over them alone): a
+      pytree of bools or a callable returning one; ``None``: all.
+    axis_name: under ``shard_map``/``pmap`` with per-device gradients, the
+      axis over which the SAM gradient is averaged; ``None`` (default) for
+      ``jax.jit`` with shardings.
+    perturbation: with ``axis_name``: ``'global'`` (default; the step of one
+      device on the whole batch) or ``'local'`` (m-sharpness).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`
-    (:class:`RSTReuseState` with ``reuse``).
+    (:class:`RSTReuseState` with ``reuse``). Its ``update`` also takes
+    ``grad_fn`` (required, by keyword: ``params -> grads`` on the same batch)
+    and ``take_sam`` (optional: a bool or boolean scalar that fixes the
+    branch, for host dispatch); other keyword arguments go to ``base_tx``.
+    The coin is a pure function of ``(seed, t)`` (:func:`rst_optax.decisions`)
+    and the branch is picked with ``jax.lax.cond``: one compiled step, the
+    second gradient on SAM steps only. More: :doc:`method`, :doc:`numerics`
+    (precision, NaN, ``vmap``, ``MultiSteps``), :doc:`dispatch`,
+    :doc:`distributed`.
 
   Raises:
-    TypeError: when built, if ``base_tx`` is not an Optax transformation, a
-      number argument is not a real number (bools, strings, ``Fraction`` and
-      ``Decimal`` are not; a callable of one positional argument, the step
-      count, is allowed for ``schedule``, ``rho``, ``lam`` and ``reuse``),
-      ``seed`` is neither an int nor a PRNG key, ``adaptive`` is not a bool,
-      ``axis_name`` not a str or ``reuse_window`` not an int. In ``init``, if
-      a leaf of the parameters is complex, an integer or a PRNG key, or
-      ``base_tx`` is a differentially private aggregation (it needs
-      per-example gradients). When ``update`` is traced, if ``grad_fn`` is
-      not a callable of one positional argument or is passed positionally,
-      ``take_sam`` is not a bool, a schedule returns a non-scalar, a leaf of
-      ``params``, ``updates`` or ``grad_fn``'s output is complex or an
-      integer, or ``state`` was made by an ``rst`` with (without) ``reuse``
-      or ``reuse_window`` for one without (with) it.
-    ValueError: when built, if a number is out of range or not finite
-      (``schedule`` outside [0, 1], a negative ``rho`` or ``eta``, ``eps``
-      below float32's smallest normal number, an int ``seed`` outside
-      int64, a negative ``reuse``, a ``reuse_window`` below 1 or without
-      ``reuse``; a JAX array for ``schedule``, ``rho`` or ``reuse``, as
-      ``optax.inject_hyperparams`` passes them, is taken as a schedule's
-      value instead), or ``perturbation`` is not ``'global'`` or
-      ``'local'`` (or ``'local'`` without ``axis_name``). In ``init``, if
-      ``mask`` does not fit the parameters, is one bool for several leaves,
-      or selects no leaf while a SAM step can be taken (a ``mask`` that is
-      not bools: TypeError). When ``update`` is traced, if ``params`` or
-      ``grad_fn`` is missing, ``updates`` or ``grad_fn``'s output do not
-      match ``params`` in structure and shapes (or the output holds Flax
-      NNX variables), ``state.reuse_direction`` does not fit ``params`` and
-      ``mask`` (structure, shapes, dtypes), ``axis_name`` is not bound
-      by ``shard_map``, ``pmap`` or ``vmap``, or ``rst`` was put inside
-      ``optax.masked`` or ``optax.multi_transform``.
+    TypeError, ValueError: for a bad argument, when built, in ``init`` or
+      when ``update`` is traced, naming ``rst`` and the argument; the list
+      is in :ref:`rst-errors`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, rst_optax
@@ -612,19 +468,16 @@ def rst(
     (3, True)
 
   References:
-    Zhao, Zhang & Hu, `Randomized Sharpness-Aware Training for Boosting
-    Computational Efficiency in Deep Learning
-    <https://arxiv.org/abs/2203.09962>`_, 2022.
-
-    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
-    Generalization <https://arxiv.org/abs/2010.01412>`_, 2021.
-
-    Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
-    Scale-Invariant Learning of Deep Neural Networks
-    <https://arxiv.org/abs/2102.11600>`_, 2021.
-
-    Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
-    <https://arxiv.org/abs/2203.02714>`_, CVPR 2022 (LookSAM).
+    - Zhao, Zhang & Hu, `Randomized Sharpness-Aware Training for Boosting
+      Computational Efficiency in Deep Learning
+      <https://arxiv.org/abs/2203.09962>`_, 2022.
+    - Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+      Generalization <https://arxiv.org/abs/2010.01412>`_, 2021.
+    - Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+      Scale-Invariant Learning of Deep Neural Networks
+      <https://arxiv.org/abs/2102.11600>`_, 2021.
+    - Liu et al., `Towards Efficient and Scalable Sharpness-Aware
+      Minimization <https://arxiv.org/abs/2203.02714>`_, CVPR 2022 (LookSAM).
   """
   if not (callable(getattr(base_tx, 'init', None))
           and callable(getattr(base_tx, 'update', None))):

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import rst_optax
-from benchmarks import scaling, step_cost
+from benchmarks import accuracy, scaling, step_cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -243,6 +243,9 @@ def test_scaling_sweeps_the_sizes_and_writes_json_and_plot(tmp_path, capsys):
   assert (tmp_path / 'again' / 'scaling.png').read_bytes()[:8] == PNG
   assert not (tmp_path / 'again' / 'scaling.json').exists()
   assert '| mlp width 8 | 490 |' in capsys.readouterr().out
+  for folder in (tmp_path, tmp_path / 'again'):
+    page = (folder / 'scaling.md').read_text()
+    assert '| mlp width 8 | 490 |' in page and '## Goals' in page
 
 
 def test_accelerator_quick_runs_the_plumbing_on_cpu(tmp_path):
@@ -290,3 +293,34 @@ def test_accelerator_quick_runs_the_plumbing_on_cpu(tmp_path):
   assert sum('one parameter-sized buffer' in g for g in goals) == 2
   assert (out / 'accelerator.png').read_bytes()[:8] == PNG
   assert 'recommended_dispatch() here: host' in done.stdout
+
+
+@pytest.mark.parametrize('name, main', [('step_cost', step_cost.main),
+                                        ('scaling', scaling.main),
+                                        ('accuracy', accuracy.main)])
+def test_the_results_pages_are_what_the_report_writes_from_the_json(
+    name, main, tmp_path):
+  """benchmarks/README.md links benchmarks/results/<name>.md for the full
+  tables: each is written from the saved JSON by ``--from-json``, and the
+  committed page is what that writes today (no hand edits, none stale)."""
+  main(['--from-json', os.path.join(ROOT, 'benchmarks', 'results',
+                                    f'{name}.json'), '--out', str(tmp_path)])
+  written = (tmp_path / f'{name}.md').read_text(encoding='utf-8')
+  with open(os.path.join(ROOT, 'benchmarks', 'results', f'{name}.md'),
+            encoding='utf-8') as f:
+    assert written == f.read()
+  with open(os.path.join(ROOT, 'benchmarks', 'results', f'{name}.json')) as f:
+    saved = json.load(f)
+  if name == 'step_cost':  # every row of every model, with its time
+    for result in saved['results']:
+      for row in result['rows']:
+        assert f"| {row['config']} | {row['ms_per_step']:.3f} |" in written
+    assert written.count('| mlp | ') + written.count('| cnn | ') == len(
+        saved['goals'])
+  elif name == 'scaling':
+    for size in saved['sizes']:
+      assert f"| {size['model']} | {size['parameters']:,} |" in written
+  else:
+    for config, row in saved['summary'].items():
+      assert (f"| {config} | " in written
+              and f"{100 * row['test_acc']['mean']:.2f} ± " in written)

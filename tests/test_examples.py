@@ -104,6 +104,15 @@ def test_the_periodic_schedule_flag_needs_p_of_one_over_k():
   assert [float(schedule(t)) for t in range(5)] == [0, 0, 0, 0, 1]
 
 
+def test_toy_2d_without_matplotlib_names_the_extra_and_exits(
+    monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import raises
+  with pytest.raises(SystemExit) as exit_info:
+    toy_2d.main(['--steps', '1'])
+  assert 'pip install ".[examples]"' in str(exit_info.value.code)
+  assert capsys.readouterr().out == ''  # it stops before any work
+
+
 def test_toy_2d_sgd_stays_sharp_while_sam_and_rst_reach_the_flat_minimum(
     tmp_path, capsys):
   out = tmp_path / 'toy_2d.png'

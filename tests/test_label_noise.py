@@ -304,6 +304,35 @@ def test_saved_results_with_other_radii_are_pooled_and_chosen_again(tmp_path):
     report.merge_results([str(p) for p in paths])
 
 
+def test_the_report_writes_every_table_as_one_markdown_page(tmp_path):
+  runs = [record('SGD', 0.0, s, 0.6, 0.6, kind='sgd') for s in range(2)]
+  runs += [record('SAM', rho, s, 0.7 + rho, 0.71 + rho, kind='sam',
+                  passes=20) for rho in (0.1, 0.2) for s in range(2)]
+  runs += [record('RST p=0.5', 0.2, s, 0.65, 0.66 + s / 100, passes=15)
+           for s in range(2)]
+  parts = [{'file': 'a.json', 'command': 'part a', 'elapsed_s': 60.0,
+            'load_average': {'start': [1.0], 'end': [2.0]}}]
+  result = {'settings': {'noise': [0.2], 'seeds': 2, 'command': 'a',
+                         'workers': 2, 'n_train': 10, 'n_val': 5,
+                         'n_test': 5, 'width': 4, 'lr': 0.1,
+                         'batch_size': 2, 'epochs': 1, 'total_steps': 5,
+                         'rhos': [0.1, 0.2], 'p': [0.5]},
+            'machine': {'cpu': 'test cpu', 'cores': 2, 'jax': 'x'},
+            'elapsed_s': 60.0, 'parts': parts,
+            'load_average': {'start': [1.0], 'end': [2.0]},
+            'runs': runs, 'summary': stats.summarize(runs), 'flatness': {}}
+  report.report(result, str(tmp_path), 'ln')
+  page = (tmp_path / 'ln.md').read_text(encoding='utf-8')
+  # The headline table, the sweep (every radius), stability and the run.
+  assert report.format_tables(result['summary']) in page
+  assert report.format_sweep(result['summary']) in page
+  assert report.format_stability(result['summary']) in page
+  assert '| RST p=0.5 | 0.2 | 66.50 ± 0.50 |' in page
+  assert '| `a.json` | 1.0 | – | – | 1.00 → 2.00 |' in page
+  assert '```sh\npart a\n```' in page
+  assert 'test cpu, 2 cores' in page
+
+
 def test_files_without_alpha_still_load_and_pool_with_new_ones(tmp_path):
   def part(runs, command):
     return {'settings': {'noise': [0.2], 'seeds': 2, 'command': command},

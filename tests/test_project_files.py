@@ -22,8 +22,13 @@ def test_citation_and_changelog_carry_the_package_version():
   cff = re.search(r'^version:\s*(\S+)$', _read('CITATION.cff'), re.M)
   assert cff and cff.group(1) == version
   assert f'version = {{{version}}}' in _read('docs/citing.md')
-  assert re.search(rf'^## {re.escape(version)}\b', _read('CHANGELOG.md'),
-                   re.M)
+  # A development version (0.2.0.dev0) is the release's, unreleased.
+  release, dev, _ = version.partition('.dev')
+  heading = (rf'^## {re.escape(release)} \(unreleased\)$' if dev
+             else rf'^## {re.escape(version)} \(\d{{4}}-\d\d-\d\d\)$')
+  assert re.search(heading, _read('CHANGELOG.md'), re.M)
+  pyproject = tomllib.loads(_read('pyproject.toml'))['project']
+  assert 'version' in pyproject['dynamic']  # rst_optax.__version__ is it
 
 
 def test_classifiers_name_the_python_versions_ci_tests():

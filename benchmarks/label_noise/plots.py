@@ -23,17 +23,20 @@ import numpy as np
 
 from benchmarks.label_noise import kinds
 
-WIDTH = 7.5  # inches: the figures are drawn for a page about 800 px wide
+WIDTH = 8.0  # inches: drawn for a page about 750 px wide (text >= 12 px)
 DPI = 150
 SGD_COLOR, SAM_COLOR, RUN_COLOR = 'C0', 'C1', 'C2'
+# The kinds' colours in the flatness figure: none is SGD's or SAM's.
+KIND_COLORS = ('C2', 'C3', 'C4', 'C5', 'C6', 'C7', 'C8', 'C9', 'black',
+               '#8c6d31', '#393b79', '#e7969c')
 
 
 def _pyplot():
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  plt.rcParams.update({'font.size': 8, 'axes.titlesize': 8,
-                       'axes.labelsize': 8, 'legend.fontsize': 7})
+  plt.rcParams.update({'font.size': 11, 'axes.titlesize': 11,
+                       'axes.labelsize': 11, 'legend.fontsize': 10.5})
   return plt
 
 
@@ -45,7 +48,7 @@ def _budgets(summary):
 
 
 def _budget_title(p):
-  return f"p = {p:g}: {(1 + p) / 2:.3g}× SAM's passes"
+  return f"p = {p:g}\n{(1 + p) / 2:.3g}× SAM's passes"
 
 
 def _measure(block):
@@ -87,7 +90,7 @@ def plot_headline(summary, path, title):
             if any(r['kind'] in kinds.KINDS for r in b['rows'].values())]
   if not blocks:
     return
-  heights = [0.7 + 0.28 * len({r['kind'] for r in b['rows'].values()
+  heights = [0.9 + 0.4 * len({r['kind'] for r in b['rows'].values()
                                if r['kind'] in kinds.KINDS}) for b in blocks]
   fig = plt.figure(figsize=(WIDTH, sum(heights) + 0.6), dpi=DPI,
                    layout='constrained')
@@ -104,7 +107,7 @@ def plot_headline(summary, path, title):
             'diff': "test accuracy − SAM's, points (SAM's gain < 3 s.e.)",
             'acc': 'test accuracy, %'}[measure]
     subfig.suptitle(f'{100 * block["noise"]:g}% noisy labels: {what}',
-                    fontsize=8.5, x=0.01, ha='left')
+                    fontsize=12, x=0.01, ha='left')
     refs = {}
     if 'SAM' in rows and measure != 'acc':
       refs['SAM'] = 1.0 if measure == 'gain' else 0.0
@@ -130,7 +133,7 @@ def plot_headline(summary, path, title):
                     zorder=3)
         ax.annotate(_note(row), (x, i), xytext=(0, 4.5),
                     textcoords='offset points', ha='center', va='bottom',
-                    fontsize=7)
+                    fontsize=9.5)
       if not drawn:
         ax.text(0.5, 0.5, 'not run', transform=ax.transAxes, ha='center',
                 va='center', color='0.5')
@@ -148,7 +151,7 @@ def plot_headline(summary, path, title):
                         ls='', label='✗n: n seeds diverged at that ρ')]
   fig.legend(handles=handles, loc='outside lower center', ncol=4,
              frameon=False)
-  fig.suptitle(textwrap.fill(title, 135), fontsize=7)
+  fig.suptitle(textwrap.fill(title, 100), fontsize=10)
   fig.savefig(path)
   plt.close(fig)
 
@@ -169,10 +172,10 @@ def plot_flatness(summary, flat, path):
   measured = {row['kind'] for row in kind_of.values()}
   style = {'sgd': (SGD_COLOR, 'o', 'SGD'), 'sam': (SAM_COLOR, '*', 'SAM')}
   for i, kind in enumerate(k for k in kinds.KINDS if k in measured):
-    style[kind] = (f'C{2 + i}', kinds.KINDS[kind].marker,
+    style[kind] = (KIND_COLORS[i % len(KIND_COLORS)], kinds.KINDS[kind].marker,
                    kinds.KINDS[kind].label)
   fig, axes = plt.subplots(
-      len(blocks), len(budgets), figsize=(WIDTH, 0.8 + 2.0 * len(blocks)),
+      len(blocks), len(budgets), figsize=(WIDTH, 1.2 + 2.6 * len(blocks)),
       dpi=DPI, squeeze=False, sharex='row', sharey='row',
       layout='constrained')
   for ax_row, (noise, block) in zip(axes, blocks, strict=True):
@@ -202,11 +205,11 @@ def plot_flatness(summary, flat, path):
     ax.set_xlabel('top Hessian eigenvalue')
   handles = [plt.Line2D([], [], color=c, marker=m, ls='', label=text)
              for c, m, text in style.values()]
-  fig.legend(handles=handles, loc='outside lower center', ncol=4,
+  fig.legend(handles=handles, loc='outside lower center', ncol=3,
              frameon=False)
-  fig.suptitle('Flatness at the end of training against test accuracy, '
+  fig.suptitle('Flatness at the end of training against test accuracy,\n'
                'mean ± s.e. over seeds (SGD and SAM in every panel)',
-               fontsize=8.5)
+               fontsize=12)
   fig.savefig(path)
   plt.close(fig)
 

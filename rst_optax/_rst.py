@@ -63,7 +63,9 @@ class RSTReuseState(NamedTuple):
       structure of the parameters: each perturbed leaf in its parameter's
       dtype, ``optax.MaskedNode()`` where ``mask`` leaves the parameter out.
       Zero before the first SAM step, and after a SAM step whose
-      :math:`g_v` was zero or not finite; base steps then reuse nothing.
+      :math:`g_v` was zero, at the level of rounding
+      (:math:`\|g_v\| \le 8 \epsilon \|d\|`) or not finite, or whose
+      :math:`\rho_t` was not positive; base steps then reuse nothing.
   """
 
   count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count
@@ -261,9 +263,12 @@ def rst(
   that of :math:`\nabla L_B(w + \epsilon_t)`: the same :math:`u` for
   :math:`\lambda_t > 0`. LookSAM itself is ``schedules.periodic(k)`` with
   ``reuse``. Until the first SAM step, and after a SAM step whose
-  :math:`g_v` was zero or not finite (a NaN or Inf in :math:`g`, say), :math:`u`
-  is zero and base steps are plain; so is a base step whose :math:`g` is not
-  finite or whose :math:`\alpha_t` is not positive.
+  :math:`g_v` was zero, rounding (:math:`\|g_v\| \le 8 \epsilon \|d\|`,
+  :math:`\epsilon` of the coarsest dtype: a single perturbed scalar, say) or
+  not finite (a NaN or Inf in :math:`g`), or whose :math:`\rho_t` was not
+  positive, :math:`u` is zero and base steps are plain; so is a base step
+  whose :math:`g` is not finite or whose :math:`\alpha_t` is not positive
+  or not finite.
 
   With ``adaptive=True`` (ASAM) the perturbation is
   :math:`\epsilon_t = \rho_t\, s^2 g / (\| s g \|_2 + \varepsilon)` with
@@ -355,8 +360,9 @@ def rst(
     seed: an int in [-2**63, 2**63 - 1] or a JAX PRNG key (a typed key of any
       implementation, or raw ``uint32`` key data of the default one).
     reuse: LookSAM's :math:`\alpha \ge 0`, how much of the last SAM step's
-      direction each base step reuses; a float or a schedule (a negative or
-      NaN value from a schedule is taken as 0). ``None`` (default) or the
+      direction each base step reuses; a float32 value (at most about
+      3.4e38) or a schedule (a negative, NaN or infinite value from a
+      schedule is taken as 0). ``None`` (default) or the
       Python number 0: no reuse, no buffer, and the state is
       :class:`RSTState`. Any other value, an array too (as
       ``optax.inject_hyperparams`` passes it), keeps the buffer and gives
@@ -417,8 +423,9 @@ def rst(
     ValueError: when built, if a number is out of range or not finite
       (``schedule`` outside [0, 1], a negative ``rho`` or ``eta``, ``eps``
       below float32's smallest normal number, an int ``seed`` outside
-      int64, a negative ``reuse``), or ``perturbation`` is not ``'global'``
-      or ``'local'`` (or ``'local'`` without ``axis_name``). In ``init``, if
+      int64, a negative ``reuse`` or one beyond float32), or
+      ``perturbation`` is not ``'global'`` or ``'local'`` (or ``'local'``
+      without ``axis_name``). In ``init``, if
       ``mask`` does not fit the parameters, is one bool for several leaves,
       or selects no leaf while a SAM step can be taken (a ``mask`` that is
       not bools: TypeError). When ``update`` is traced, if ``params`` or
@@ -466,7 +473,9 @@ def rst(
   _checks.number('rst', 'rho', rho, low=0.0, allow_schedule=True)
   _checks.number('rst', 'lam', lam, allow_schedule=True)
   if reuse is not None:
-    _checks.number('rst', 'reuse', reuse, low=0.0, allow_schedule=True)
+    # high: a float32 value, as alpha is in float32 with float32 parameters.
+    _checks.number('rst', 'reuse', reuse, low=0.0,
+                   high=float(np.finfo(np.float32).max), allow_schedule=True)
   _checks.number('rst', 'eta', eta, low=0.0)
   if eps is None:
     eps = _EPS_DEFAULT
@@ -597,8 +606,10 @@ def rst(
       # The part of the direction taken (mixed, or g after a fault) that g
       # lacks; with the averaged g, so it is the same on every device.
       (d_leaves, g_leaves, old), merge = split(params, direction, g, reused)
+      # With rho(t) = 0, grad_fn ran at w itself: nothing to reuse.
       return direction, merge(reused, _reuse.orthogonal_unit(
-          d_leaves, g_leaves, [u.dtype for u in old]))
+          d_leaves, g_leaves, [u.dtype for u in old],
+          perturbed=_radius(rho_fn(count)) > 0))
 
     def base_branch(g, g_local, reused):
       del g_local

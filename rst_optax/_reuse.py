@@ -87,8 +87,8 @@ def _orthogonal_unit(d, g, dtypes, perturbed, fast: bool) -> list[jax.Array]:
     v = _minus_along(d, g, jnp.where(
         nonzero, _inner(d, g, wide) / jnp.where(nonzero, gg, 1), 0))
     vv = _norms.sum_of_squares(v, wide)
-    keep = (perturbed & jnp.isfinite(vv)
-            & (vv > tolerance * _norms.sum_of_squares(d, wide)))
+    # A NaN or Inf in d or g makes vv or the bound NaN or Inf: not kept.
+    keep = perturbed & (vv > tolerance * _norms.sum_of_squares(d, wide))
     return _normalized(v, vv, keep)
 
   if not fast:
@@ -100,9 +100,10 @@ def _orthogonal_unit(d, g, dtypes, perturbed, fast: bool) -> list[jax.Array]:
               & (gg >= _norms.direct_floor(g, wide)))
     v = _minus_along(d, g, _inner(d, g, wide) / jnp.where(usable, gg, 1))
     vv = _norms.sum_of_squares(v, wide)
-    # Exact to rounding where no square of v is lost to underflow. Then
-    # vv >= floor, above any tolerance * dd that underflows.
-    exact = usable & jnp.isfinite(vv) & (vv >= _norms.direct_floor(v, wide))
+    # Exact to rounding where no square of v is lost to underflow (v is
+    # finite where d and g are, and ||v|| <= ||d||). Then vv >= floor, above
+    # any tolerance * dd that underflows.
+    exact = usable & (vv >= _norms.direct_floor(v, wide))
     keep = perturbed & (vv > tolerance * dd)
     u = jax.lax.cond(exact, lambda v, d, g: _normalized(v, vv, keep),
                      lambda v, d, g: scaled(d, g), v, d, g)

@@ -100,6 +100,30 @@ def test_a_rho_schedule_at_or_below_zero_on_a_sam_step_reuses_nothing(rho_t):
   assert float(optax.tree.norm(state.reuse_direction)) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize('fast', [True, False])
+def test_rho_zero_keeps_nothing_however_grad_fn_rounds(fast):
+  """At rho(t) = 0 grad_fn runs at w itself: its difference from g is
+  rounding of any size (here a bfloat16 forward pass), and u stays 0."""
+  params, loss = tanh_problem(0)
+  low = lambda p: loss(jax.tree.map(
+      lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), p))
+  grad_fn = lambda p: jax.grad(low)(p)
+  g = jax.grad(loss)(params)
+  tx = rst_optax.rst(optax.identity(), 0.5, 0.0, reuse=0.5)
+  d, state = jax.jit(lambda s: tx.update(g, s, params, grad_fn=grad_fn,
+                                         take_sam=True))(tx.init(params))
+  assert float(optax.tree.norm(optax.tree.sub(d, g))) > 1e-3 * float(
+      optax.tree.norm(g))
+  assert_zero(state.reuse_direction)
+  # The scaled path that GPU and TPU take, called directly.
+  leaves = _reuse._orthogonal_unit(jax.tree.leaves(d), jax.tree.leaves(g),
+                                   [jnp.float32] * 2, False, fast)
+  assert_zero(leaves)
+  assert float(optax.tree.norm(_reuse._orthogonal_unit(
+      jax.tree.leaves(d), jax.tree.leaves(g), [jnp.float32] * 2, True,
+      fast))) == pytest.approx(1.0)
+
+
 def test_eps_far_above_the_gradient_norm_reuses_nothing():
   """eps = 1e8: the perturbation rounds away (w + e is w to the last bits),
   so g_v is rounding and nothing is reused."""

@@ -292,12 +292,16 @@ def with_reuse(g, u, alpha):
 
 
 def test_a_zero_entry_of_u_gives_g_however_large_alpha_times_norm():
-  g = np.array([3e30, -1e30, 2e30, 5.0], np.float32)
-  u = np.array([0.6, 0.0, -0.8, 0.0], np.float32)
-  for alpha in (1e9, 3e38):  # alpha ||g|| far beyond float32
+  g = np.array([3e30, -3e30, 3e30, -3e30, 3e30, -3e30, 3e30, 5.0],
+               np.float32)
+  u = np.array([0.6, 0, 0, 0, 0, 0, -0.8, 0], np.float32)
+  # alpha ||g|| far beyond float32; at 3e38, so is alpha times the scaled
+  # norm (||g|| / 2**102 = 1.6).
+  for alpha in (1e9, 3e38):
     out = with_reuse(g, u, alpha)
-    np.testing.assert_array_equal(out[[1, 3]], g[[1, 3]])
-    np.testing.assert_array_equal(out[[0, 2]], [np.inf, -np.inf])
+    np.testing.assert_array_equal(out[1:6], g[1:6])
+    np.testing.assert_array_equal(out[7], g[7])
+    np.testing.assert_array_equal(out[[0, 6]], [np.inf, -np.inf])
 
 
 def test_the_result_overflows_only_where_the_sum_does():

@@ -35,6 +35,17 @@ def all_finite(leaves: list[jax.Array]) -> jax.Array:
       jnp.asarray(True))
 
 
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``jnp.sqrt(x)``, with a zero (not infinite) derivative at ``x = 0``.
+
+  The square root is never taken of a 0 that ``jnp.where`` then discards,
+  so that ``jax.grad`` through a zero norm is 0, not NaN (0 times the
+  infinite derivative). NaN and Inf pass through.
+  """
+  zero = x == 0
+  return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
+
+
 def sum_of_squares(leaves: list[jax.Array], dtype) -> jax.Array:
   """The sum of the squares of every entry, each squared in ``dtype``."""
   return sum((jnp.sum(jnp.square(x.astype(dtype))) for x in leaves),
@@ -52,15 +63,25 @@ def scaled_down(leaves: list[jax.Array], dtype) -> tuple[
   return [jnp.ldexp(x, -exponent) for x in leaves], exponent, largest
 
 
-def times_power_of_two(leaves: list[jax.Array], k: jax.Array, dtype
-                       ) -> list[jax.Array]:
-  """``leaves`` times ``2**k`` (``k`` an int32 scalar), as two multiplies by
-  scalars, each a power of two that ``dtype`` represents: exact where the
-  result is normal, and cheaper than ``jnp.ldexp`` on every entry."""
-  half = k // 2
-  first = jnp.ldexp(jnp.ones([], dtype), half)
-  second = jnp.ldexp(jnp.ones([], dtype), k - half)
-  return [x * first.astype(x.dtype) * second.astype(x.dtype) for x in leaves]
+def times_power_of_two(leaves: list[jax.Array], k: jax.Array, dtype,
+                       parts: int = 2) -> list[jax.Array]:
+  """``leaves`` times ``2**k`` (``k`` an int32 scalar), as ``parts``
+  multiplies by scalars, powers of two of the sign of ``k`` that ``dtype``
+  represents (two cover the exponent of any one number, ``|k| < 300`` in
+  float32; three the sum of two such): exact where the result is normal, an
+  intermediate overflows only if the result does, and cheaper than
+  ``jnp.ldexp`` on every entry."""
+  powers = []
+  for left in range(parts, 0, -1):
+    step = k // left
+    powers.append(jnp.ldexp(jnp.ones([], dtype), step))
+    k = k - step
+  out = []
+  for x in leaves:
+    for power in powers:
+      x = x * power.astype(x.dtype)
+    out.append(x)
+  return out
 
 
 def direct_floor(leaves: list[jax.Array], dtype) -> float:
@@ -87,17 +108,17 @@ def global_norm(leaves: list[jax.Array], dtype) -> tuple[jax.Array, jax.Array]:
   squares = sum_of_squares(leaves, dtype)
   floor = direct_floor(leaves, dtype)
 
+  exact = jnp.isfinite(squares) & (squares >= floor)
+
   def scaled():
     unit, exponent, _ = scaled_down(leaves, dtype)
-    return jnp.sqrt(sum_of_squares(unit, dtype)), exponent
+    return safe_sqrt(sum_of_squares(unit, dtype)), exponent
 
   def direct():
-    return jnp.sqrt(squares), jnp.zeros([], jnp.int32)
+    return jnp.sqrt(jnp.where(exact, squares, 1)), jnp.zeros([], jnp.int32)
 
   return jax.lax.platform_dependent(
-      cpu=lambda: jax.lax.cond(
-          jnp.isfinite(squares) & (squares >= floor), direct, scaled),
-      default=scaled)
+      cpu=lambda: jax.lax.cond(exact, direct, scaled), default=scaled)
 
 
 def scaled_perturbation(
@@ -132,7 +153,7 @@ def scaled_perturbation(
   c_x = power(k_x)
   # ||s g|| = c_s * c_x * scaled_norm, where 0.5 <= scaled_norm <= sqrt(n)
   # unless g is zero.
-  scaled_norm = jnp.sqrt(sum_of_squares(unit, wide))
+  scaled_norm = safe_sqrt(sum_of_squares(unit, wide))
   scale = jnp.asarray(rho, wide) / (scaled_norm + eps / (c_s * c_x))
   e = [scale.astype(d) * u for u, d in zip(unit, dtypes, strict=True)]
   if eta is not None:
@@ -166,10 +187,12 @@ def perturbation(
          for b, d in zip(w, dtypes, strict=True)]
     x = [si * xi for si, xi in zip(s, x, strict=True)]
   squares = sum_of_squares(x, wide)
-  floor = direct_floor(x, wide)
+  exact = jnp.isfinite(squares) & (squares >= direct_floor(x, wide))
 
   def direct(_):
-    scale = jnp.asarray(rho, wide) / (jnp.sqrt(squares) + eps)
+    # (Under jax.vmap the cond is a select, and both branches run.)
+    norm = jnp.sqrt(jnp.where(exact, squares, 1))
+    scale = jnp.asarray(rho, wide) / (norm + eps)
     e = [scale.astype(d) * u for u, d in zip(x, dtypes, strict=True)]
     if s is not None:
       e = [si * ei for si, ei in zip(s, e, strict=True)]
@@ -177,6 +200,4 @@ def perturbation(
 
   scaled = lambda _=None: scaled_perturbation(g, w, rho, eps, eta)
   return jax.lax.platform_dependent(
-      cpu=lambda: jax.lax.cond(
-          jnp.isfinite(squares) & (squares >= floor), direct, scaled, None),
-      default=scaled)
+      cpu=lambda: jax.lax.cond(exact, direct, scaled, None), default=scaled)

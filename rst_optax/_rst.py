@@ -64,7 +64,9 @@ class RSTReuseState(NamedTuple):
       structure of the parameters: each perturbed leaf in its parameter's
       dtype, ``optax.MaskedNode()`` where ``mask`` leaves the parameter out.
       Zero before the first SAM step, and after a SAM step whose
-      :math:`g_v` was zero or not finite; base steps then reuse nothing.
+      :math:`g_v` was zero, at the level of rounding
+      (:math:`\|g_v\| \le 8 \epsilon \|d\|`) or not finite, or whose
+      :math:`\rho_t` was not positive; base steps then reuse nothing.
     last_sam_step: with ``reuse_window``, an int32 scalar: the step count
       ``t`` of the last SAM step, -1 before the first one (no base step
       reuses then). A base step at step ``t`` reuses only if ``0 <=
@@ -489,11 +491,14 @@ def rst(
   # taken as a schedule's value is: clipped, or negative as 0.
   _checks.number('rst', 'schedule', schedule, low=0.0, high=1.0,
                  allow_schedule=True, arrays_as_schedules=True)
-  _checks.number('rst', 'rho', rho, low=0.0, allow_schedule=True,
+  _checks.number('rst', 'rho', rho, low=0.0,
+                 high=float(np.finfo(np.float32).max), allow_schedule=True,
                  arrays_as_schedules=True)
   _checks.number('rst', 'lam', lam, allow_schedule=True)
   if reuse is not None:
-    _checks.number('rst', 'reuse', reuse, low=0.0, allow_schedule=True,
+    # high: a float32 value, as alpha is in float32 with float32 parameters.
+    _checks.number('rst', 'reuse', reuse, low=0.0,
+                   high=float(np.finfo(np.float32).max), allow_schedule=True,
                    arrays_as_schedules=True)
   _checks.number('rst', 'eta', eta, low=0.0)
   if eps is None:
@@ -630,8 +635,10 @@ def rst(
       # The part of the direction taken (mixed, or g after a fault) that g
       # lacks; with the averaged g, so it is the same on every device.
       (d_leaves, g_leaves, old), merge = split(params, direction, g, reused)
+      # With rho(t) = 0, grad_fn ran at w itself: nothing to reuse.
       return direction, merge(reused, _reuse.orthogonal_unit(
-          d_leaves, g_leaves, [u.dtype for u in old]))
+          d_leaves, g_leaves, [u.dtype for u in old],
+          perturbed=_radius(rho_fn(count)) > 0))
 
     def base_branch(g, g_local, reused):
       del g_local

@@ -65,13 +65,6 @@ class RSTReuseState(NamedTuple):
       dtype, ``optax.MaskedNode()`` where ``mask`` leaves the parameter out.
       Zero before the first SAM step, and after a SAM step whose
       :math:`g_v` was zero or not finite; base steps then reuse nothing.
-    last_sam_step: with ``reuse_window``, an int32 scalar: the step count
-      ``t`` of the last SAM step, -1 before the first one (no base step
-      reuses then). A base step at step ``t`` reuses only if ``0 <=
-      last_sam_step`` and ``t - last_sam_step <= reuse_window``; where
-      ``count`` has stopped at the int32 maximum, a SAM step stores that
-      maximum. ``None`` without ``reuse_window``, and then no pytree node
-      at all: the state, and checkpoints of it, are those of before.
   """
 
   count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count
@@ -79,56 +72,47 @@ class RSTReuseState(NamedTuple):
   sam_steps: jax.Array
   base_state: optax.OptState
   reuse_direction: optax.Updates
-  last_sam_step: jax.Array | None = None
 
 
-class _NoneLeaf:
-  """``last_sam_step`` of a windowed state whose leaf a tree map turned into
-  None (``jax.tree.map(lambda x: None, state)``, as Orbax does): it keeps
-  the state's six children, so the result still matches its structure."""
+class RSTWindowState(NamedTuple):
+  r"""State of :func:`rst` with ``reuse`` and ``reuse_window``:
+  :class:`RSTReuseState`'s fields and the step of the last SAM step.
 
-  __slots__ = ()
+  Attributes:
+    count: as in :class:`RSTState`.
+    key: as in :class:`RSTState`.
+    sam_steps: as in :class:`RSTState`.
+    base_state: as in :class:`RSTState`.
+    reuse_direction: as in :class:`RSTReuseState`.
+    last_sam_step: int32 scalar, the step count ``t`` of the last SAM step,
+      -1 before the first one (no base step reuses then). A base step at
+      step ``t`` reuses only if ``0 <= last_sam_step`` and ``t -
+      last_sam_step <= reuse_window``; where ``count`` has stopped at the
+      int32 maximum, a SAM step stores that maximum.
+  """
 
-  def __repr__(self) -> str:
-    return 'None'
-
-
-_NONE_LEAF = _NoneLeaf()
-
-
-def _reuse_state_children(state: RSTReuseState) -> tuple[tuple, bool]:
-  """The fields of ``state`` as (key, child) pairs, and whether it has a
-  ``reuse_window``. ``last_sam_step`` is a child only where it is set:
-  without ``reuse_window`` the pytree, key paths included, is the
-  five-field one of before, so checkpoints of it still restore (a None
-  field would be an empty node, which Orbax keeps in the structure)."""
-  windowed = state.last_sam_step is not None
-  fields = RSTReuseState._fields if windowed else RSTReuseState._fields[:-1]
-  children = tuple(
-      (jax.tree_util.GetAttrKey(name),
-       None if getattr(state, name) is _NONE_LEAF else getattr(state, name))
-      for name in fields)
-  return children, windowed
+  count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count
+  key: jax.Array
+  sam_steps: jax.Array
+  base_state: optax.OptState
+  reuse_direction: optax.Updates
+  last_sam_step: jax.Array
 
 
-def _reuse_state_from(windowed: bool, children: Any) -> RSTReuseState:
-  children = tuple(children)
-  if windowed and children[-1] is None:
-    children = (*children[:-1], _NONE_LEAF)
-  return RSTReuseState(*children)
+# The states of rst: without reuse, with reuse, with reuse and a window.
+STATE_TYPES = (RSTState, RSTReuseState, RSTWindowState)
+_REUSE_STATE_TYPES = (RSTReuseState, RSTWindowState)
 
 
-def _reuse_state_flatten(state: RSTReuseState) -> tuple[list, bool]:
-  children, windowed = _reuse_state_children(state)
-  return [child for _, child in children], windowed
-
-
-jax.tree_util.register_pytree_with_keys(
-    RSTReuseState, _reuse_state_children, _reuse_state_from,
-    _reuse_state_flatten)
-
-# The states of rst, with and without reuse.
-STATE_TYPES = (RSTState, RSTReuseState)
+def _reuse_state(fields: dict[str, Any], reuse_direction: optax.Updates,
+                 last_sam_step: jax.Array | None
+                 ) -> RSTReuseState | RSTWindowState:
+  """The state with ``reuse``: an :class:`RSTWindowState` with a window
+  (``last_sam_step`` given), an :class:`RSTReuseState` without one."""
+  if last_sam_step is None:
+    return RSTReuseState(**fields, reuse_direction=reuse_direction)
+  return RSTWindowState(**fields, reuse_direction=reuse_direction,
+                        last_sam_step=last_sam_step)
 
 
 def _mark_varying(tree: optax.Params, axis_name: str) -> optax.Params:
@@ -288,24 +272,30 @@ def _check_reuse_window(reuse_window: Any, reusing: bool) -> int | None:
 
 
 def _check_state(state: Any, reusing: bool, windowed: bool) -> None:
-  """Refuses a state of the other kind (with or without ``reuse``, with or
-  without ``reuse_window``)."""
-  want = RSTReuseState if reusing else RSTState
-  if isinstance(state, STATE_TYPES) and not isinstance(state, want):
-    made = 'with' if isinstance(state, RSTReuseState) else 'without'
+  """Refuses a state of another kind (with or without ``reuse``, with or
+  without ``reuse_window``), by name."""
+  if not isinstance(state, STATE_TYPES):
+    return
+  name = type(state).__name__
+  if isinstance(state, RSTState) == reusing:
+    made = 'without' if isinstance(state, RSTState) else 'with'
     raise TypeError(
-        f'rst: `state` is a {type(state).__name__}, made by an rst {made} '
-        f'`reuse`, but this rst {"has" if reusing else "has no"} `reuse`: '
-        'initialize the state with this transformation\'s init.')
-  if isinstance(state, RSTReuseState) and (
-      state.last_sam_step is None) == windowed:
-    made, has = ('without', 'has') if windowed else ('with', 'has no')
+        f'rst: `state` is a {name}, made by an rst {made} `reuse`, but this '
+        f'rst {"has" if reusing else "has no"} `reuse`: initialize the state '
+        "with this transformation's init.")
+  if isinstance(state, RSTWindowState) != windowed:
+    if windowed:
+      made, has, convert = 'without', 'has', (
+          'to bound the reuse of a state made without it, pass '
+          'rst_optax.RSTWindowState(*state, last_sam_step=jnp.int32(-1)): '
+          'no reuse until its next SAM step')
+    else:
+      made, has, convert = 'with', 'has no', (
+          'to drop the bound, pass rst_optax.RSTReuseState(*state[:5])')
     raise TypeError(
-        f'rst: `state` was made by an rst {made} `reuse_window`, but this rst '
-        f'{has} `reuse_window`: initialize the state with this '
-        "transformation's init (or, to bound the reuse of a state made "
-        'without it, pass state._replace(last_sam_step=jnp.int32(-1)): no '
-        'reuse until its next SAM step).')
+        f'rst: `state` was made by an rst {made} `reuse_window` (it is an '
+        f'{name}), but this rst {has} `reuse_window`: initialize the state '
+        f"with this transformation's init (or, {convert}).")
 
 
 def rst(
@@ -462,9 +452,8 @@ def rst(
       ``optax.inject_hyperparams`` pass ``static_args=('reuse_window',)``).
       ``schedules.periodic(m)`` with ``reuse_window >= m - 1`` is LookSAM
       exactly; with a random coin it keeps long gaps from reusing a stale
-      direction. The state then holds the step of the last SAM step
-      (:class:`RSTReuseState`'s ``last_sam_step``). ``None`` (default): no
-      bound.
+      direction. The state is then an :class:`RSTWindowState`, which also
+      holds the step of the last SAM step. ``None`` (default): no bound.
     adaptive: use the ASAM perturbation (element-wise scaled by
       :math:`|w| + \eta`).
     eta: ASAM's :math:`\eta \ge 0`, so that parameters at zero are perturbed
@@ -501,7 +490,8 @@ def rst(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`
-    (:class:`RSTReuseState` with ``reuse``).
+    (:class:`RSTReuseState` with ``reuse``, :class:`RSTWindowState` with
+    ``reuse`` and ``reuse_window``).
 
   Raises:
     TypeError: when built, if ``base_tx`` is not an Optax transformation, a
@@ -616,7 +606,8 @@ def rst(
   else:
     fixed_branch = None
 
-  def init_fn(params: optax.Params) -> RSTState | RSTReuseState:
+  def init_fn(params: optax.Params
+              ) -> RSTState | RSTReuseState | RSTWindowState:
     _checks.not_masked('rst', 'params', params, _SUPPORTED_SUBSET)
     _checks.real_floating('rst', 'params', params)
     fields = dict(
@@ -633,16 +624,14 @@ def rst(
       # No parameters, or optax.tree_map_params's placeholder (a node with
       # no leaves, which stands for the parameters): nothing to check, and
       # the buffer is laid out as the parameters are.
-      return (RSTReuseState(**fields, reuse_direction=params,
-                            last_sam_step=last_sam_step)
+      return (_reuse_state(fields, params, last_sam_step)
               if reusing else RSTState(**fields))
     selected = _perturbed_leaves(mask, params, can_take_sam)
     if not reusing:
       return RSTState(**fields)
-    return RSTReuseState(**fields, reuse_direction=treedef.unflatten([
+    return _reuse_state(fields, treedef.unflatten([
         jnp.zeros_like(w) if m else optax.MaskedNode()
-        for w, m in zip(leaves, selected, strict=True)]),
-                         last_sam_step=last_sam_step)
+        for w, m in zip(leaves, selected, strict=True)]), last_sam_step)
 
   def split(params, *trees):
     """The selected leaves of each of ``trees`` (laid out like ``params``),
@@ -726,13 +715,13 @@ def rst(
 
   def update_fn(
       updates: optax.Updates,
-      state: RSTState | RSTReuseState,
+      state: RSTState | RSTReuseState | RSTWindowState,
       params: optax.Params | None = None,
       *args: Any,
       grad_fn: _types.GradFn | None = None,
       take_sam: bool | jax.Array | None = None,
       **extra_args: Any,
-  ) -> tuple[optax.Updates, RSTState | RSTReuseState]:
+  ) -> tuple[optax.Updates, RSTState | RSTReuseState | RSTWindowState]:
     _check_update_args(updates, params, grad_fn, take_sam, args)
     _check_state(state, reusing, window is not None)
     if axis_name is not None:
@@ -748,8 +737,8 @@ def rst(
       take_sam = _coin.coin(key, count, p_schedule)
     last_sam_step = getattr(state, 'last_sam_step', None)
     sam_branch, base_branch = branches(params, grad_fn, count, last_sam_step)
-    reused = (state.reuse_direction if isinstance(state, RSTReuseState)
-              else None)
+    reused = (state.reuse_direction
+              if isinstance(state, _REUSE_STATE_TYPES) else None)
     if isinstance(take_sam, (bool, np.bool_)):
       branch = sam_branch if take_sam else base_branch
       direction, reused = branch(updates, local_updates, reused)
@@ -771,8 +760,7 @@ def rst(
                   sam_steps=sam_steps, base_state=base_state)
     if not reusing:
       return new_updates, RSTState(**fields)
-    return new_updates, RSTReuseState(**fields, reuse_direction=reused,
-                                      last_sam_step=last_sam_step)
+    return new_updates, _reuse_state(fields, reused, last_sam_step)
 
   _coin.attach_config(update_fn, schedule, seed)  # read by HostDispatch
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

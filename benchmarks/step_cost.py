@@ -495,9 +495,10 @@ def reuse_state_size(params, state, reuse_state) -> dict[str, Any]:
   """
   extra = tree_bytes(reuse_state) - tree_bytes(state)
   param_bytes = tree_bytes(params)
+  kinds = (rst_optax.RSTReuseState, rst_optax.RSTWindowState)
   buffers = [s.reuse_direction for s in jax.tree.leaves(
-      reuse_state, is_leaf=lambda x: isinstance(x, rst_optax.RSTReuseState))
-      if isinstance(s, rst_optax.RSTReuseState)]
+      reuse_state, is_leaf=lambda x: isinstance(x, kinds))
+      if isinstance(s, kinds)]
   return {'parameter_bytes': param_bytes,
           'state_bytes': tree_bytes(state),
           'reuse_state_bytes': tree_bytes(reuse_state),

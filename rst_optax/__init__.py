@@ -4,7 +4,7 @@ from rst_optax import schedules, sharpness
 from rst_optax._coin import coin
 from rst_optax._decisions import decisions, iter_decisions
 from rst_optax._dispatch import HostDispatch, recommended_dispatch
-from rst_optax._rst import RSTReuseState, RSTState, rst
+from rst_optax._rst import RSTReuseState, RSTState, RSTWindowState, rst
 from rst_optax._types import GradFn, ScalarOrSchedule, Seed
 
 __version__ = '0.2.0.dev0'
@@ -14,6 +14,7 @@ __all__ = [
     'HostDispatch',
     'RSTReuseState',
     'RSTState',
+    'RSTWindowState',
     'ScalarOrSchedule',
     'Seed',
     'coin',

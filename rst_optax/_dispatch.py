@@ -22,12 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from rst_optax import _checks, _coin, _decisions
-from rst_optax._rst import STATE_TYPES, RSTReuseState, RSTState
+from rst_optax._rst import STATE_TYPES, RSTReuseState, RSTState, RSTWindowState
+
+# Any state of rst.
+_AnyState = RSTState | RSTReuseState | RSTWindowState
 
 
-def _as_rst_state(node: Any) -> RSTState | RSTReuseState | None:
-  """``node`` as an :class:`RSTState` (or :class:`RSTReuseState`), if it is
-  one or a mapping of its fields.
+def _as_rst_state(node: Any) -> _AnyState | None:
+  """``node`` as an :class:`RSTState` (or :class:`RSTReuseState`,
+  :class:`RSTWindowState`), if it is one or a mapping of its fields.
 
   ``flax.nnx.state`` lays an optimizer's ``RSTState`` out as a mapping from
   field names to variables (an empty ``base_state`` is left out).
@@ -41,15 +44,14 @@ def _as_rst_state(node: Any) -> RSTState | RSTReuseState | None:
   return None
 
 
-def _rst_states(tree: Any) -> list[RSTState | RSTReuseState]:
+def _rst_states(tree: Any) -> list[_AnyState]:
   """The :class:`RSTState` objects found in ``tree`` (see `_as_rst_state`)."""
   nodes = jax.tree.leaves(
       tree, is_leaf=lambda x: _as_rst_state(x) is not None)
   return [s for s in map(_as_rst_state, nodes) if s is not None]
 
 
-def _field_arrays(states: list[RSTState | RSTReuseState], field: str
-                  ) -> list[jax.Array]:
+def _field_arrays(states: list[_AnyState], field: str) -> list[jax.Array]:
   """The ``field`` (``'count'`` or ``'key'``) arrays of ``states``, one per
   state, as arrays this process can read."""
   arrays = []

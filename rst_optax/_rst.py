@@ -67,13 +67,6 @@ class RSTReuseState(NamedTuple):
       :math:`g_v` was zero, at the level of rounding
       (:math:`\|g_v\| \le 8 \epsilon \|d\|`) or not finite, or whose
       :math:`\rho_t` was not positive; base steps then reuse nothing.
-    last_sam_step: with ``reuse_window``, an int32 scalar: the step count
-      ``t`` of the last SAM step, -1 before the first one (no base step
-      reuses then). A base step at step ``t`` reuses only if ``0 <=
-      last_sam_step`` and ``t - last_sam_step <= reuse_window``; where
-      ``count`` has stopped at the int32 maximum, a SAM step stores that
-      maximum. ``None`` without ``reuse_window``, and then no pytree node
-      at all: the state, and checkpoints of it, are those of before.
   """
 
   count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count
@@ -81,56 +74,47 @@ class RSTReuseState(NamedTuple):
   sam_steps: jax.Array
   base_state: optax.OptState
   reuse_direction: optax.Updates
-  last_sam_step: jax.Array | None = None
 
 
-class _NoneLeaf:
-  """``last_sam_step`` of a windowed state whose leaf a tree map turned into
-  None (``jax.tree.map(lambda x: None, state)``, as Orbax does): it keeps
-  the state's six children, so the result still matches its structure."""
+class RSTWindowState(NamedTuple):
+  r"""State of :func:`rst` with ``reuse`` and ``reuse_window``:
+  :class:`RSTReuseState`'s fields and the step of the last SAM step.
 
-  __slots__ = ()
+  Attributes:
+    count: as in :class:`RSTState`.
+    key: as in :class:`RSTState`.
+    sam_steps: as in :class:`RSTState`.
+    base_state: as in :class:`RSTState`.
+    reuse_direction: as in :class:`RSTReuseState`.
+    last_sam_step: int32 scalar, the step count ``t`` of the last SAM step,
+      -1 before the first one (no base step reuses then). A base step at
+      step ``t`` reuses only if ``0 <= last_sam_step`` and ``t -
+      last_sam_step <= reuse_window``; where ``count`` has stopped at the
+      int32 maximum, a SAM step stores that maximum.
+  """
 
-  def __repr__(self) -> str:
-    return 'None'
-
-
-_NONE_LEAF = _NoneLeaf()
-
-
-def _reuse_state_children(state: RSTReuseState) -> tuple[tuple, bool]:
-  """The fields of ``state`` as (key, child) pairs, and whether it has a
-  ``reuse_window``. ``last_sam_step`` is a child only where it is set:
-  without ``reuse_window`` the pytree, key paths included, is the
-  five-field one of before, so checkpoints of it still restore (a None
-  field would be an empty node, which Orbax keeps in the structure)."""
-  windowed = state.last_sam_step is not None
-  fields = RSTReuseState._fields if windowed else RSTReuseState._fields[:-1]
-  children = tuple(
-      (jax.tree_util.GetAttrKey(name),
-       None if getattr(state, name) is _NONE_LEAF else getattr(state, name))
-      for name in fields)
-  return children, windowed
+  count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count
+  key: jax.Array
+  sam_steps: jax.Array
+  base_state: optax.OptState
+  reuse_direction: optax.Updates
+  last_sam_step: jax.Array
 
 
-def _reuse_state_from(windowed: bool, children: Any) -> RSTReuseState:
-  children = tuple(children)
-  if windowed and children[-1] is None:
-    children = (*children[:-1], _NONE_LEAF)
-  return RSTReuseState(*children)
+# The states of rst: without reuse, with reuse, with reuse and a window.
+STATE_TYPES = (RSTState, RSTReuseState, RSTWindowState)
+_REUSE_STATE_TYPES = (RSTReuseState, RSTWindowState)
 
 
-def _reuse_state_flatten(state: RSTReuseState) -> tuple[list, bool]:
-  children, windowed = _reuse_state_children(state)
-  return [child for _, child in children], windowed
-
-
-jax.tree_util.register_pytree_with_keys(
-    RSTReuseState, _reuse_state_children, _reuse_state_from,
-    _reuse_state_flatten)
-
-# The states of rst, with and without reuse.
-STATE_TYPES = (RSTState, RSTReuseState)
+def _reuse_state(fields: dict[str, Any], reuse_direction: optax.Updates,
+                 last_sam_step: jax.Array | None
+                 ) -> RSTReuseState | RSTWindowState:
+  """The state with ``reuse``: an :class:`RSTWindowState` with a window
+  (``last_sam_step`` given), an :class:`RSTReuseState` without one."""
+  if last_sam_step is None:
+    return RSTReuseState(**fields, reuse_direction=reuse_direction)
+  return RSTWindowState(**fields, reuse_direction=reuse_direction,
+                        last_sam_step=last_sam_step)
 
 
 def _mark_varying(tree: optax.Params, axis_name: str) -> optax.Params:
@@ -290,24 +274,30 @@ def _check_reuse_window(reuse_window: Any, reusing: bool) -> int | None:
 
 
 def _check_state(state: Any, reusing: bool, windowed: bool) -> None:
-  """Refuses a state of the other kind (with or without ``reuse``, with or
-  without ``reuse_window``)."""
-  want = RSTReuseState if reusing else RSTState
-  if isinstance(state, STATE_TYPES) and not isinstance(state, want):
-    made = 'with' if isinstance(state, RSTReuseState) else 'without'
+  """Refuses a state of another kind (with or without ``reuse``, with or
+  without ``reuse_window``), by name."""
+  if not isinstance(state, STATE_TYPES):
+    return
+  name = type(state).__name__
+  if isinstance(state, RSTState) == reusing:
+    made = 'without' if isinstance(state, RSTState) else 'with'
     raise TypeError(
-        f'rst: `state` is a {type(state).__name__}, made by an rst {made} '
-        f'`reuse`, but this rst {"has" if reusing else "has no"} `reuse`: '
-        'initialize the state with this transformation\'s init.')
-  if isinstance(state, RSTReuseState) and (
-      state.last_sam_step is None) == windowed:
-    made, has = ('without', 'has') if windowed else ('with', 'has no')
+        f'rst: `state` is a {name}, made by an rst {made} `reuse`, but this '
+        f'rst {"has" if reusing else "has no"} `reuse`: initialize the state '
+        "with this transformation's init.")
+  if isinstance(state, RSTWindowState) != windowed:
+    if windowed:
+      made, has, convert = 'without', 'has', (
+          'to bound the reuse of a state made without it, pass '
+          'rst_optax.RSTWindowState(*state, last_sam_step=jnp.int32(-1)): '
+          'no reuse until its next SAM step')
+    else:
+      made, has, convert = 'with', 'has no', (
+          'to drop the bound, pass rst_optax.RSTReuseState(*state[:5])')
     raise TypeError(
-        f'rst: `state` was made by an rst {made} `reuse_window`, but this rst '
-        f'{has} `reuse_window`: initialize the state with this '
-        "transformation's init (or, to bound the reuse of a state made "
-        'without it, pass state._replace(last_sam_step=jnp.int32(-1)): no '
-        'reuse until its next SAM step).')
+        f'rst: `state` was made by an rst {made} `reuse_window` (it is an '
+        f'{name}), but this rst {has} `reuse_window`: initialize the state '
+        f"with this transformation's init (or, {convert}).")
 
 
 def _is_masked_node(x: Any) -> bool:
@@ -426,7 +416,8 @@ def rst(
     reuse_window: with ``reuse``, a Python int :math:`k \ge 1`: a base step
       reuses only if the last SAM step was at most :math:`k` steps before
       (``periodic(m)`` with :math:`k \ge m - 1` is LookSAM exactly).
-      ``None`` (default): no bound.
+      The state is then an :class:`RSTWindowState`. ``None`` (default): no
+      bound.
     adaptive: use the ASAM perturbation, scaled by :math:`|w| + \eta`.
     eta: ASAM's :math:`\eta \ge 0`; only used with ``adaptive=True``.
     eps: :math:`\varepsilon`, at least float32's smallest normal number;
@@ -441,7 +432,8 @@ def rst(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`RSTState`
-    (:class:`RSTReuseState` with ``reuse``). Its ``update`` also takes
+    (:class:`RSTReuseState` with ``reuse``, :class:`RSTWindowState` with
+    ``reuse_window`` too). Its ``update`` also takes
     ``grad_fn`` (required, by keyword: ``params -> grads`` on the same batch)
     and ``take_sam`` (optional: a bool or boolean scalar that fixes the
     branch, for host dispatch); other keyword arguments go to ``base_tx``.
@@ -545,7 +537,8 @@ def rst(
   else:
     fixed_branch = None
 
-  def init_fn(params: optax.Params) -> RSTState | RSTReuseState:
+  def init_fn(params: optax.Params
+              ) -> RSTState | RSTReuseState | RSTWindowState:
     _checks.not_masked('rst', 'params', params, _SUPPORTED_SUBSET)
     _checks.real_floating('rst', 'params', params)
     fields = dict(
@@ -562,16 +555,14 @@ def rst(
       # No parameters, or optax.tree_map_params's placeholder (a node with
       # no leaves, which stands for the parameters): nothing to check, and
       # the buffer is laid out as the parameters are.
-      return (RSTReuseState(**fields, reuse_direction=params,
-                            last_sam_step=last_sam_step)
+      return (_reuse_state(fields, params, last_sam_step)
               if reusing else RSTState(**fields))
     selected = _perturbed_leaves(mask, params, can_take_sam)
     if not reusing:
       return RSTState(**fields)
-    return RSTReuseState(**fields, reuse_direction=treedef.unflatten([
+    return _reuse_state(fields, treedef.unflatten([
         jnp.zeros_like(w) if m else optax.MaskedNode()
-        for w, m in zip(leaves, selected, strict=True)]),
-                         last_sam_step=last_sam_step)
+        for w, m in zip(leaves, selected, strict=True)]), last_sam_step)
 
   def split(params, *trees):
     """The selected leaves of each of ``trees`` (laid out like ``params``),
@@ -657,18 +648,18 @@ def rst(
 
   def update_fn(
       updates: optax.Updates,
-      state: RSTState | RSTReuseState,
+      state: RSTState | RSTReuseState | RSTWindowState,
       params: optax.Params | None = None,
       *args: Any,
       grad_fn: _types.GradFn | None = None,
       take_sam: bool | jax.Array | None = None,
       **extra_args: Any,
-  ) -> tuple[optax.Updates, RSTState | RSTReuseState]:
+  ) -> tuple[optax.Updates, RSTState | RSTReuseState | RSTWindowState]:
     _check_update_args(updates, params, grad_fn, take_sam, args)
     _check_state(state, reusing, window is not None)
     if axis_name is not None:
       _checks.axis_name_bound('rst', axis_name)
-    if isinstance(state, RSTReuseState) and jax.tree.leaves(params):
+    if isinstance(state, _REUSE_STATE_TYPES) and jax.tree.leaves(params):
       _check_reuse_direction(state.reuse_direction, params, _perturbed_leaves(
           mask, params, can_take_sam))
     # A Python float in the gradient, as a 0-d array (as optax.sgd takes it).
@@ -684,8 +675,8 @@ def rst(
       take_sam = _coin.coin(key, count, p_schedule)
     last_sam_step = getattr(state, 'last_sam_step', None)
     sam_branch, base_branch = branches(params, grad_fn, count, last_sam_step)
-    reused = (state.reuse_direction if isinstance(state, RSTReuseState)
-              else None)
+    reused = (state.reuse_direction
+              if isinstance(state, _REUSE_STATE_TYPES) else None)
     if isinstance(take_sam, (bool, np.bool_)):
       branch = sam_branch if take_sam else base_branch
       direction, reused = branch(updates, local_updates, reused)
@@ -707,8 +698,7 @@ def rst(
                   sam_steps=sam_steps, base_state=base_state)
     if not reusing:
       return new_updates, RSTState(**fields)
-    return new_updates, RSTReuseState(**fields, reuse_direction=reused,
-                                      last_sam_step=last_sam_step)
+    return new_updates, _reuse_state(fields, reused, last_sam_step)
 
   _coin.attach_config(update_fn, schedule, seed)  # read by HostDispatch
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

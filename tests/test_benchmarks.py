@@ -187,22 +187,26 @@ def test_each_reuse_row_gets_its_schedule_without_reuse():
   assert all(c.reference is None for c in configs if c is not reuse)
 
 
+@pytest.mark.parametrize('window', [None, 3])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_reuse_state_size_is_one_parameter_sized_buffer(dtype):
+def test_reuse_state_size_is_one_parameter_sized_buffer(dtype, window):
   params = {'w': jnp.zeros((3, 5), dtype), 'b': jnp.zeros(5, dtype)}
   base = optax.sgd(0.1, momentum=0.9)
   states = [optax.chain(optax.identity(), rst_optax.rst(
-      base, 0.5, reuse=reuse)).init(params) for reuse in (0, 0.7)]
+      base, 0.5, reuse=reuse, reuse_window=window if reuse else None)).init(
+          params) for reuse in (0, 0.7)]
 
   size = step_cost.reuse_state_size(params, *states)
   itemsize = jnp.dtype(dtype).itemsize
-  assert size['parameter_bytes'] == size['extra_bytes'] == 20 * itemsize
-  assert size['extra_over_parameters'] == 1
+  # With a window, the state holds the last SAM step too (one int32).
+  last = 0 if window is None else 4
+  assert size['parameter_bytes'] == size['extra_bytes'] - last == 20 * itemsize
+  assert size['extra_over_parameters'] == 1 + last / (20 * itemsize)
   assert size['buffer_dtypes'] == size['parameter_dtypes'] == [dtype]
   # The state without reuse: count, sam_steps (int32), the key (2 uint32)
   # and SGD's momentum, in the parameters' dtype.
   assert size['state_bytes'] == 4 * 4 + 20 * itemsize
-  assert size['reuse_state_bytes'] == size['state_bytes'] + 20 * itemsize
+  assert size['reuse_state_bytes'] == size['state_bytes'] + 20 * itemsize + last
   assert step_cost.tree_bytes(jax.eval_shape(lambda: params)) == 20 * itemsize
 
 

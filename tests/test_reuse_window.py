@@ -6,7 +6,7 @@ the plain step. The checkpoint and multi-device cases are in
 tests/test_checkpoint.py and tests/test_sharding.py (their workers).
 """
 
-import collections
+import re
 
 import chex
 import jax
@@ -215,7 +215,8 @@ def run_cond_and_host(tx, params, loss_fn, steps=40):
   for _ in range(steps):
     cond = cond_step(*cond)
     host = host_step(*host)
-    lasts.append((cond[1].last_sam_step, host[1].last_sam_step))
+    lasts.append([getattr(s, 'last_sam_step', None)  # None without a window
+                  for s in (cond[1], host[1])])
   return cond, host, np.array(lasts)
 
 
@@ -281,58 +282,90 @@ def test_inject_hyperparams_without_static_window_is_refused_with_the_fix():
         reuse_window=2).init({'w': jnp.zeros(3)})
 
 
-def test_without_a_window_the_state_is_that_of_before(problem):
-  """``last_sam_step`` is None and no node at all: the pytree, key paths
-  included, is the five-field one that checkpoints of before hold."""
+def test_the_state_is_a_plain_namedtuple_with_a_window_and_without(problem):
+  """Without a window, ``RSTReuseState`` of five fields, the state that
+  checkpoints of before hold; with one, ``RSTWindowState``: the same fields
+  and ``last_sam_step``, one int32 leaf more (-1: no SAM step yet)."""
   params, _ = problem
   state = sgdm(0.5).init(params)
-  assert state.last_sam_step is None
-  # The state of before: a plain NamedTuple of the first five fields.
-  before = collections.namedtuple('RSTReuseState',
-                                  rst_optax.RSTReuseState._fields[:5])
-  old = before(*state[:5])
-  paths = lambda tree: [p for p, _ in
-                        jax.tree_util.tree_flatten_with_path(tree)[0]]
-  assert paths(state) == paths(old)
-  assert jax.tree.structure(state).num_nodes == jax.tree.structure(
-      old).num_nodes
-  chex.assert_trees_all_equal(jax.tree.leaves(state), jax.tree.leaves(old))
+  assert type(state) is rst_optax.RSTReuseState
+  assert rst_optax.RSTReuseState._fields == (
+      *rst_optax.RSTState._fields, 'reuse_direction')
   windowed = sgdm(0.5, reuse_window=3).init(params)
-  assert len(jax.tree.leaves(windowed)) == len(jax.tree.leaves(state)) + 1
-  assert jax.tree_util.tree_flatten_with_path(windowed)[0][-1][0] == (
-      jax.tree_util.GetAttrKey('last_sam_step'),)
-  round_trip = jax.tree.unflatten(jax.tree.structure(windowed),
-                                  jax.tree.leaves(windowed))
-  assert int(round_trip.last_sam_step) == -1
+  assert type(windowed) is rst_optax.RSTWindowState
+  assert rst_optax.RSTWindowState._fields == (
+      *rst_optax.RSTReuseState._fields, 'last_sam_step')
+  chex.assert_trees_all_equal(tuple(windowed[:5]), tuple(state))
+  assert windowed.last_sam_step.dtype == jnp.int32
+  assert windowed.last_sam_step.shape == () and int(windowed.last_sam_step) == -1
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(windowed)[0]]
+  assert paths[-1] == (jax.tree_util.GetAttrKey('last_sam_step'),)
+  assert len(paths) == len(jax.tree.leaves(state)) + 1
 
 
 @pytest.mark.parametrize('window', [None, 3])
 def test_a_tree_of_nones_mapped_from_the_state_matches_it(problem, window):
   """``jax.tree.map(lambda x: None, state)`` (Orbax builds its save
-  arguments so) keeps the state's structure, ``last_sam_step`` included,
-  and serves as a second tree of a map over the state."""
+  arguments so) keeps the state's type and structure, ``last_sam_step``
+  included, and serves as a second tree of a map over the state."""
   params, _ = problem
   state = sgdm(0.5, reuse_window=window).init(params)
   nones = jax.tree.map(lambda x: None, state)
+  assert type(nones) is type(state)
   pairs = jax.tree.map(lambda x, n: (x, n), state, nones)
-  assert pairs.last_sam_step == (None if window is None else (
-      state.last_sam_step, None))
-  assert repr(nones.last_sam_step) == 'None'
+  if window is not None:
+    assert nones.last_sam_step is None
+    assert pairs.last_sam_step == (state.last_sam_step, None)
   assert jax.tree.structure(nones, is_leaf=lambda x: x is None) == (
       jax.tree.structure(state))
 
 
 def test_a_state_with_or_without_a_window_is_refused_by_the_other(problem):
   params, loss_fn = problem
-  g = jax.grad(loss_fn)(params)
+  grad_fn = jax.grad(loss_fn)
+  g = grad_fn(params)
   windowed, plain = sgdm(0.5, reuse_window=2), sgdm(0.5)
-  for tx, other in ((windowed, plain), (plain, windowed)):
+  messages = {}
+  for tx, other, name in ((windowed, plain, 'RSTReuseState'),
+                          (plain, windowed, 'RSTWindowState')):
     with pytest.raises(TypeError, match=r'rst: `state` was made by an rst '
-                       r'with(out)? `reuse_window`'):
-      tx.update(g, other.init(params), params, grad_fn=jax.grad(loss_fn))
-  # The way the message gives to add a window to a state made without one.
-  state = plain.init(params)._replace(last_sam_step=jnp.int32(-1))
-  windowed.update(g, state, params, grad_fn=jax.grad(loss_fn))
+                       rf'with(out)? `reuse_window` \(it is an {name}\)') as e:
+      tx.update(g, other.init(params), params, grad_fn=grad_fn)
+    messages[name] = str(e.value)
+  # The conversions the messages give: into a state of the other kind, the
+  # state that kind's init makes (before any step), which it then takes.
+  for name, tx, other in (('RSTReuseState', windowed, plain),
+                          ('RSTWindowState', plain, windowed)):
+    fix = re.search(r'pass (rst_optax\.\w+\(.*?\))(?::|\)\.)',
+                    messages[name]).group(1)
+    state = eval(fix, {'rst_optax': rst_optax, 'jnp': jnp,
+                       'state': other.init(params)})
+    assert type(state) is type(tx.init(params))
+    chex.assert_trees_all_equal(state, tx.init(params))
+    tx.update(g, state, params, grad_fn=grad_fn)
+  assert ('rst_optax.RSTWindowState(*state, last_sam_step=jnp.int32(-1))'
+          in messages['RSTReuseState'])
+
+
+@pytest.mark.parametrize('reusing', [True, False])
+@pytest.mark.parametrize('window', [None, 2])
+def test_a_state_with_or_without_reuse_is_refused_by_name(problem, reusing,
+                                                          window):
+  """Every pair of kinds that differ in ``reuse``: the message names the
+  state's type."""
+  params, loss_fn = problem
+  grad_fn = jax.grad(loss_fn)
+  if reusing:
+    tx, other = sgdm(0.5, reuse_window=window), rst_optax.rst(
+        optax.sgd(LR), 0.5, RHO)
+  else:
+    tx, other = rst_optax.rst(optax.sgd(LR), 0.5, RHO), sgdm(
+        0.5, reuse_window=window)
+  name = type(other.init(params)).__name__
+  with pytest.raises(TypeError, match=rf'rst: `state` is a {name}, made by an '
+                     rf'rst with(out)? `reuse`, but this rst (has|has no) '
+                     r'`reuse`'):
+    tx.update(grad_fn(params), other.init(params), params, grad_fn=grad_fn)
 
 
 @pytest.mark.parametrize('window', [1, 3, np.int32(2), np.int64(7)])

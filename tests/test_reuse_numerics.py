@@ -460,3 +460,29 @@ def test_safe_sqrt_has_a_zero_derivative_at_zero():
   assert float(jax.grad(_norms.safe_sqrt)(4.0)) == 0.25
   assert np.isnan(_norms.safe_sqrt(jnp.nan))
   assert _norms.safe_sqrt(jnp.inf) == np.inf
+
+
+@pytest.mark.parametrize('take', [(True, False), (False, False)],
+                         ids=['sam then base', 'base'])
+def test_gradients_with_a_batched_zero_gradient_are_finite(take):
+  """A member of a jax.vmap whose gradient is zero takes the scaled norms
+  (a SAM step's perturbation, a base step's ||g|| with reuse): their square
+  roots of 0 must not poison the gradient (``_norms.safe_sqrt``). The direct
+  sums' square roots need no such care for this: JAX's batched cond feeds
+  the branch not taken stop_gradient'ed inputs."""
+  params, loss = tanh_problem(0)
+  tx = rst_optax.rst(optax.sgd(0.3), 0.5, 0.1, reuse=0.5)
+
+  def f(params, scale):
+    grad = jax.grad(lambda p: scale * loss(p))
+    state = tx.init(params)
+    for t in take:
+      u, state = tx.update(grad(params), state, params, grad_fn=grad,
+                           take_sam=t)
+      params = optax.apply_updates(params, u)
+    return loss(params)
+
+  grads = jax.vmap(jax.grad(f), in_axes=(None, 0))(
+      params, jnp.asarray([0.0, 1.0]))
+  for leaf in jax.tree.leaves(grads):
+    assert np.all(np.isfinite(leaf))

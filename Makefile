@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-step-cost bench-label-noise label-noise-report clean docs wheel-check test-min test-py313 typecheck
+.PHONY: demo test lint bench-step-cost bench-label-noise label-noise-report bench-transformer transformer-report clean docs wheel-check test-min test-py313 typecheck
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,28 @@ bench-label-noise: $(STAMP)
 label-noise-report: $(STAMP)
 	$(LABEL_NOISE) --name label_noise --from-json $(subst $(eval) ,$(comma),$(foreach p,$(LN_PARTS),$(LN_RESULTS)/label_noise_$(p).json))
 	$(LABEL_NOISE) --name label_noise_recipe2 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(LN_PARTS2),$(LN_RESULTS)/label_noise_$(p).json))
+
+# The transformer on MNIST-1D (benchmarks/results/transformer.md): a pre-LN
+# transformer trained with AdamW (warmup-cosine), 30 epochs (810 steps). The
+# parts in order: the base-recipe tuning (lr at weight decay 0.05, AdamW and
+# SAM at rho 0.2, 2 seeds), then 20% noise at 0.6x SAM's passes (p = 0.2:
+# RST, LookSAM, the coin with the window, SAM short, AdamW long) and at
+# 0.75x (p = 0.5: the quick start, SAM short, AdamW long). Wall times were
+# measured on 2 shared cores at load 15-20 (nice 10), one part at a time.
+TRANSFORMER := JAX_COMPILATION_CACHE_DIR=runs/jax_cache $(BIN)/python -m benchmarks.label_noise --model transformer --epochs 30 --no-flatness --workers 1
+TF_TUNE := $(TRANSFORMER) --seeds 2 --noise 0.2 --kinds '' --rhos 0.2 --weight-decay 0.05
+TF_20 := $(TRANSFORMER) --seeds 3 --noise 0.2 --rhos 0.2 --alphas 0.25
+bench-transformer: $(STAMP)
+	$(TF_TUNE) --lr 2e-3 --name transformer_tune_lr2e-3_wd0.05  # 13.5 min (stopped in its flatness stage; runs kept)
+	$(TF_TUNE) --lr 4e-3 --name transformer_tune_lr4e-3_wd0.05  # TBD
+	$(TF_TUNE) --lr 1e-3 --name transformer_tune_lr1e-3_wd0.05  # TBD
+	$(TF_20) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020  # TBD
+	$(TF_20) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050  # TBD
+	$(MAKE) transformer-report
+
+# The pooled transformer reports alone, from the parts' JSON files (seconds).
+transformer-report: $(STAMP)
+	$(TRANSFORMER) --name transformer_20 --from-json $(LN_RESULTS)/transformer_20_p020.json,$(LN_RESULTS)/transformer_20_p050.json
 
 # The documentation site, offline, with warnings as errors; open
 # docs/_build/html/index.html afterwards.

@@ -612,7 +612,8 @@ def test_fixed_budget_kinds_run_the_budgets_steps_with_compressed_schedules():
 def test_fixed_budget_runs_take_their_own_number_of_steps(tmp_path):
   result = cli.main(['--quick', '--kinds', 'sam_short,base_long', '--out',
                      str(tmp_path / 'out'), '--cache', str(tmp_path / 'c'),
-                     '--flat-top', '0', '--rhos', '0.05'])
+                     '--no-flatness', '--rhos', '0.05'])
+  assert result['flatness'] == {}  # skipped, as asked
   steps = result['settings']['total_steps']
   by = {r['config']: r for r in result['runs'] if r['seed'] == 0}
   assert by['SAM']['steps'] == steps and by['SAM']['passes'] == 2 * steps
@@ -620,3 +621,26 @@ def test_fixed_budget_runs_take_their_own_number_of_steps(tmp_path):
   assert short['steps'] == short['sam_steps'] == round(0.75 * steps)
   assert long['steps'] == round(1.5 * steps) and long['sam_steps'] == 0
   assert short['passes'] == long['passes'] == round(1.5 * steps)
+
+
+def test_the_budget_table_pits_the_best_on_validation_against_both():
+  from benchmarks.label_noise import budget
+  runs = []
+  for seed in range(3):
+    for config, kind, p, val, test in (
+        ('SGD', 'sgd', 0.0, 0.6, 0.60), ('SAM', 'sam', 1.0, 0.8, 0.80),
+        ('RST p=0.2', 'rst', 0.2, 0.7, 0.90),  # best on test, not on val
+        ('LookSAM p=0.2', 'looksam', 0.2, 0.75, 0.78 + 0.01 * seed),
+        ('SAM short p=0.2', 'sam_short', 0.2, 0.7, 0.75),
+        ('base long p=0.2', 'base_long', 0.2, 0.6, 0.62)):
+      runs.append(record(config, 0.0 if kind in ('sgd', 'base_long') else 0.1,
+                         seed, val, test, kind=kind) | {'p': p, 'alpha': 0.0})
+  result = {'runs': runs, 'summary': stats.summarize(runs)}
+  (row,) = budget.budget_rows(result)['0.2']
+  assert row['budget'] == pytest.approx(0.6)
+  assert row['best']['config'] == 'LookSAM p=0.2'  # chosen on validation
+  assert row['vs_short']['mean'] == pytest.approx(0.04)  # 0.79 - 0.75
+  assert row['vs_long']['mean'] == pytest.approx(0.17)
+  assert row['vs_short']['sem'] == pytest.approx(0.01 / np.sqrt(3))
+  text = budget.format_budget({'0.2': [row]})
+  assert '| 0.60 | LookSAM p=0.2 (0.1) |' in text and '+4.00 ±' in text

@@ -71,6 +71,11 @@ def parse_args(argv=None):
   parser.add_argument('--flat-radius', type=float, default=0.2,
                       help='common radius of the epsilon-sharpness (it is '
                       "also measured at each run's own radius)")
+  parser.add_argument('--flatness', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='measure flatness at the end (--no-flatness: '
+                      'skip it, e.g. for the transformer, where it costs '
+                      'more than the runs of a part)')
   for flag, default, what in (
       ('--flat-top', 3, 'RST-family configurations measured for flatness'),
       ('--flat-n', 1000, 'training samples in the flatness loss'),
@@ -215,7 +220,8 @@ def main(argv=None):
   records, finals, info = run_jobs(args, partial)
   train_s = time.perf_counter() - start
   summary = stats.summarize(records)
-  flat = train.measure_flatness(args, summary, finals)
+  flat = (train.measure_flatness(args, summary, finals) if args.flatness
+          else {})
   elapsed = time.perf_counter() - start
 
   settings = {k: (list(v) if isinstance(v, tuple) else v)

@@ -81,13 +81,13 @@ TF_20 := $(TRANSFORMER) --seeds 3 --noise 0.2 --rhos 0.05,0.1 --alphas 0.25 --lr
 bench-transformer: $(STAMP)
 	$(TF_TUNE) --lr 2e-3 --name transformer_tune_lr2e-3_wd0.05  # 13.5 min (stopped in its flatness stage; runs kept)
 	$(TF_TUNE) --lr 4e-3 --name transformer_tune_lr4e-3_wd0.05  # 7.6 min
-	$(TF_20) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020  # TBD
-	$(TF_20) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050  # 19.4 min
-	$(TF_20) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05  # TBD
-	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.4 --name budget_cnn_20  # 5.2 min
+	$(TF_20) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020  # 38.4 min
+	$(TF_20) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050  # 19.0 min
+	$(TF_20) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05  # 7.2 min
+	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.4 --name budget_cnn_20  # 4.8 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short --rhos 0.1,0.2 --name budget_cnn_20_short  # 6.5 min
-	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.5 --rhos 0.2,0.3 --name frontier_cnn_p010  # 6.8 min
-	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.7 --rhos 0.2,0.3,0.4 --name frontier_cnn_p010_a07  # TBD
+	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.5 --rhos 0.2,0.3 --name frontier_cnn_p010  # 6.0 min
+	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.7 --rhos 0.2,0.3,0.4 --name frontier_cnn_p010_a07  # 5.7 min
 	$(BIN)/python -m benchmarks.label_noise.reuse_share --warm 300 --k 5  # about 10 min
 	$(MAKE) transformer-report
 

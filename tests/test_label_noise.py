@@ -644,3 +644,16 @@ def test_the_budget_table_pits_the_best_on_validation_against_both():
   assert row['vs_short']['sem'] == pytest.approx(0.01 / np.sqrt(3))
   text = budget.format_budget({'0.2': [row]})
   assert '| 0.60 | LookSAM p=0.2 (0.1) |' in text and '+4.00 ±' in text
+
+
+def test_the_reuse_share_probe_sees_sgd_follow_the_direction_and_adam_turn_it():
+  from benchmarks.label_noise import reuse_share
+  rng = np.random.default_rng(0)
+  data = {'x': rng.normal(size=(256, 40)).astype(np.float32),
+          'y': rng.integers(0, 10, 256).astype(np.int32)}
+  # one step of reuse: SGD's extra displacement is exactly along -g_v (it is
+  # linear in its input); Adam's per-coordinate scaling turns it
+  (sgd,) = reuse_share.probe('cnn', 'sgd', (0.5,), 3, 1, 0.1, 0, data)
+  (adam,) = reuse_share.probe('cnn', 'adamw', (0.5,), 3, 1, 0.1, 0, data)
+  assert sgd['cos_with_direction'] == pytest.approx(1.0, abs=1e-4)
+  assert adam['cos_with_direction'] < 0.99 and sgd['share'] > 0

@@ -72,7 +72,7 @@ def probe(model_name, opt_name, alpha_values, warm, k, rho, seed, data):
     params, state = step(params, state, grad(params, *batch()))
   xb, yb = batch()
   g = grad(params, xb, yb)
-  norm = optax.global_norm(g)
+  norm = optax.tree.norm(g)
   g_s = grad(jax.tree.map(lambda w, d: w + rho * d / norm, params, g), xb, yb)
   dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_s),
                                            jax.tree.leaves(g), strict=True))
@@ -85,7 +85,7 @@ def probe(model_name, opt_name, alpha_values, warm, k, rho, seed, data):
     w, s = params, state
     for xb, yb in batches:
       g_t = grad(w, xb, yb)
-      scale = alpha * optax.global_norm(g_t) / optax.global_norm(g_v)
+      scale = alpha * optax.tree.norm(g_t) / optax.tree.norm(g_v)
       w, s = step(w, s, jax.tree.map(lambda a, b, c=scale: a + c * b, g_t,
                                      g_v))
     return flat(w) - flat(params)

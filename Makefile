@@ -84,6 +84,8 @@ bench-transformer: $(STAMP)
 	$(TF_20) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020  # 38.4 min
 	$(TF_20) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050  # 19.0 min
 	$(TF_20) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05  # 7.2 min
+	$(TRANSFORMER) --seeds 3 --noise 0.4 --rhos 0.05,0.1 --alphas 0.25 --lr 4e-3 --weight-decay 0.05 --p 0.2 --kinds rst,looksam --name transformer_40_p020  # 13.2 min
+	$(TRANSFORMER) --seeds 3 --noise 0 --rhos 0.05,0.1 --lr 4e-3 --weight-decay 0.05 --p 0.5 --kinds every_k_lam --name transformer_clean_p050  # 11.3 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.4 --name budget_cnn_20  # 4.8 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short --rhos 0.1,0.2 --name budget_cnn_20_short  # 6.5 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.5 --rhos 0.2,0.3 --name frontier_cnn_p010  # 6.0 min
@@ -100,6 +102,8 @@ FRONTIER_CNN := frontier_cnn_p010 frontier_cnn_p010_a07 label_noise_20_p050 labe
 transformer-report: $(STAMP)
 	$(TRANSFORMER) --name transformer_20 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
 	$(BIN)/python -m benchmarks.label_noise.budget --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
+	$(TRANSFORMER) --name transformer_40_p020 --from-json $(LN_RESULTS)/transformer_40_p020.json
+	$(TRANSFORMER) --name transformer_clean_p050 --from-json $(LN_RESULTS)/transformer_clean_p050.json
 	$(LABEL_NOISE) --name frontier_cnn --from-json $(subst $(eval) ,$(comma),$(foreach p,$(FRONTIER_CNN),$(LN_RESULTS)/$(p).json))
 	$(BIN)/python -m benchmarks.label_noise.budget --from-json $(subst $(eval) ,$(comma),$(foreach p,$(BUDGET_CNN),$(LN_RESULTS)/$(p).json))
 

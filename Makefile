@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-step-cost bench-label-noise label-noise-report clean docs wheel-check test-min test-py313 typecheck
+.PHONY: demo test lint bench-step-cost bench-label-noise label-noise-report bench-transformer transformer-report clean docs wheel-check test-min test-py313 typecheck
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,47 @@ label-noise-report: $(STAMP)
 	$(LABEL_NOISE) --name label_noise --from-json $(subst $(eval) ,$(comma),$(foreach p,$(LN_PARTS),$(LN_RESULTS)/label_noise_$(p).json))
 	$(LABEL_NOISE) --name label_noise_recipe2 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(LN_PARTS2),$(LN_RESULTS)/label_noise_$(p).json))
 	$(LABEL_NOISE) --recipes $(LN_RESULTS)/label_noise.json,$(LN_RESULTS)/label_noise_recipe2.json
+
+# The transformer on MNIST-1D (benchmarks/results/transformer.md): a pre-LN
+# transformer trained with AdamW (warmup-cosine), 30 epochs (810 steps). The
+# parts in order: the base-recipe tuning (lr at weight decay 0.05, AdamW and
+# SAM at rho 0.2, 2 seeds), then 20% noise at 0.6x SAM's passes (p = 0.2:
+# RST, LookSAM, the coin with the window, SAM short, AdamW long) and at
+# 0.75x (p = 0.5: the quick start, SAM short, AdamW long). Wall times were
+# measured on 2 cores shared by 7 sessions at load 10-20 (nice 10), up to
+# three parts at once: contended times, not the model's cost.
+TRANSFORMER := JAX_COMPILATION_CACHE_DIR=runs/jax_cache $(BIN)/python -m benchmarks.label_noise --model transformer --epochs 30 --no-flatness --workers 1
+LABEL_NOISE_1 := $(BIN)/python -m benchmarks.label_noise --no-flatness --workers 1
+TF_TUNE := $(TRANSFORMER) --seeds 2 --noise 0.2 --kinds '' --rhos 0.2 --weight-decay 0.05
+TF_20 := $(TRANSFORMER) --seeds 3 --noise 0.2 --rhos 0.05,0.1 --alphas 0.25 --lr 4e-3 --weight-decay 0.05
+bench-transformer: $(STAMP)
+	$(TF_TUNE) --lr 2e-3 --name transformer_tune_lr2e-3_wd0.05  # 13.5 min (stopped in its flatness stage; runs kept)
+	$(TF_TUNE) --lr 4e-3 --name transformer_tune_lr4e-3_wd0.05  # 7.6 min
+	$(TF_20) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020  # 38.4 min
+	$(TF_20) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050  # 19.0 min
+	$(TF_20) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05  # 7.2 min
+	$(TRANSFORMER) --seeds 3 --noise 0.4 --rhos 0.05,0.1 --alphas 0.25 --lr 4e-3 --weight-decay 0.05 --p 0.2 --kinds rst,looksam --name transformer_40_p020  # 13.2 min
+	$(TRANSFORMER) --seeds 3 --noise 0 --rhos 0.05,0.1 --lr 4e-3 --weight-decay 0.05 --p 0.5 --kinds every_k_lam --name transformer_clean_p050  # 11.3 min
+	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.4 --name budget_cnn_20  # 4.8 min
+	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short --rhos 0.1,0.2 --name budget_cnn_20_short  # 6.5 min
+	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.5 --rhos 0.2,0.3 --name frontier_cnn_p010  # 6.0 min
+	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.7 --rhos 0.2,0.3,0.4 --name frontier_cnn_p010_a07  # 5.7 min
+	$(BIN)/python -m benchmarks.label_noise.reuse_share --warm 300 --k 5  # about 10 min
+	$(MAKE) transformer-report
+
+# The CNN's fixed budget pools the new kinds with the saved recipe-1 parts
+# (same seeds, data and initializations, so the pairing holds).
+BUDGET_CNN := budget_cnn_20 budget_cnn_20_short label_noise_20_p050 label_noise_p020 label_noise_reuse_20_p020 label_noise_reuse_20_p020_low label_noise_reuse_20_p020_r01 label_noise_reuse_p050
+TF_PARTS := transformer_20_p020 transformer_20_p050 transformer_20_p020_a05
+FRONTIER_CNN := frontier_cnn_p010 frontier_cnn_p010_a07 label_noise_20_p050 label_noise_40_p050 label_noise_reuse_20_p020 label_noise_reuse_20_p020_low label_noise_reuse_20_p020_r01 label_noise_reuse_40_p020 label_noise_reuse_40_p020_r01
+# The pooled transformer reports alone, from the parts' JSON files (seconds).
+transformer-report: $(STAMP)
+	$(TRANSFORMER) --name transformer_20 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
+	$(BIN)/python -m benchmarks.label_noise.budget --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
+	$(TRANSFORMER) --name transformer_40_p020 --from-json $(LN_RESULTS)/transformer_40_p020.json
+	$(TRANSFORMER) --name transformer_clean_p050 --from-json $(LN_RESULTS)/transformer_clean_p050.json
+	$(LABEL_NOISE) --name frontier_cnn --from-json $(subst $(eval) ,$(comma),$(foreach p,$(FRONTIER_CNN),$(LN_RESULTS)/$(p).json))
+	$(BIN)/python -m benchmarks.label_noise.budget --from-json $(subst $(eval) ,$(comma),$(foreach p,$(BUDGET_CNN),$(LN_RESULTS)/$(p).json))
 
 # The documentation site, offline, with warnings as errors; open
 # docs/_build/html/index.html afterwards.

@@ -542,3 +542,147 @@ def test_recipes_are_compared_on_the_paired_sam_level_goal():
   assert lines[2].endswith('| – |')  # SAM itself: nothing to agree on
   same = report.format_recipes([near, near], ['a', 'b'], ['LookSAM'])
   assert same.splitlines()[2].endswith('| yes | yes |')
+
+
+def test_the_transformer_builds_and_one_adamw_step_trains_it():
+  import jax
+  from flax import nnx
+
+  from benchmarks.label_noise import transformer
+  model = transformer.Transformer(40, nnx.Rngs(0))
+  assert len(model.blocks) == 2 and model.pos.shape == (8, 64)  # 8 patches
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 40)).astype(np.float32)
+  y = rng.integers(0, 10, 16).astype(np.int32)
+  assert model(x).shape == (16, 10)
+  # tokens see their position: swapping two patches changes the logits
+  swapped = x.reshape(16, 8, 5)[:, [1, 0, 2, 3, 4, 5, 6, 7]].reshape(16, 40)
+  assert np.abs(model(x) - model(swapped)).max() > 1e-3
+  graphdef, params = nnx.split(model, nnx.Param)
+  make_tx, train_step, evaluate, _ = train.build_trainer(
+      graphdef, 10, 1e-3, ('adamw', 0.05, 2))
+  state = make_tx(0.5, 0.1, 1.0, 0).init(params)
+  for t in range(3):  # warmup: the first step has lr 0, the next ones move
+    new, state, loss = train_step(
+        params, state, np.float32(0.1), np.float32(1.0), np.float32(0.0),
+        jax.numpy.asarray(x), jax.numpy.asarray(y), np.arange(16),
+        take_sam=True, reusing=False)
+    moved = any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(params), jax.tree.leaves(new), strict=True))
+    assert np.isfinite(float(loss)) and moved == (t > 0)
+    params = new
+  assert int(state.count) == 3 and int(state.sam_steps) == 3
+  with pytest.raises(ValueError, match='Transformer: length 42'):
+    transformer.Transformer(42, nnx.Rngs(0))
+
+
+def test_the_model_flag_picks_the_network_and_the_base_optimizer():
+  args = cli.parse_args([])
+  assert args.model == 'cnn' and args.lr == 0.1
+  assert train.recipe_of(args, 27) == ('sgd',)
+  args = cli.parse_args(['--model', 'transformer', '--weight-decay', '0.1',
+                         '--warmup-epochs', '2'])
+  assert args.lr == 2e-3 and train.recipe_of(args, 27) == ('adamw', 0.1, 54)
+  assert type(train.make_model(args, 40, 0)).__name__ == 'Transformer'
+  with pytest.raises(SystemExit):  # AdamW's flags mean nothing for the CNN
+    cli.parse_args(['--weight-decay', '0.1'])
+  with pytest.raises(SystemExit):
+    cli.parse_args(['--model', 'transformer', '--lr', '0'])
+
+
+def test_the_cnn_keeps_sgd_with_momentum_and_its_cosine_bit_for_bit():
+  import jax
+  import optax
+  ref = optax.sgd(optax.cosine_decay_schedule(0.1, 50), momentum=0.9)
+  ours = train.base_optimizer(('sgd',), 50, 0.1)
+  params = {'w': np.ones(5, np.float32)}
+  a, b = ref.init(params), ours.init(params)
+  for t in range(1, 6):
+    g = {'w': np.arange(5, dtype=np.float32) * t}
+    ua, a = ref.update(g, a, params)
+    ub, b = ours.update(g, b, params)
+    assert np.array_equal(ua['w'], ub['w'])
+  lr = train.learning_rate(('sgd',), 50, 0.1, recipe_steps=100)
+  assert float(lr(25)) == pytest.approx(0.05)  # shorter run: cosine over 50
+  assert jax.tree.leaves(a) and train.recipe_of(
+      cli.parse_args(['--lr', '0.05']), 27) == ('sgd',)
+
+
+def test_fixed_budget_kinds_run_the_budgets_steps_with_compressed_schedules():
+  args = cli.parse_args(['--kinds', 'sam_short,base_long', '--p', '0.2,0.5',
+                         '--no-baselines'])
+  by = {c.name: c for c in kinds.make_configs(args)}
+  total = 1000
+  steps = {name: kinds.steps_of(c, total) for name, c in by.items()}
+  assert steps == {'SAM short p=0.2': 600, 'base long p=0.2': 1200,
+                   'SAM short p=0.5': 750, 'base long p=0.5': 1500}
+  for p in (0.2, 0.5):  # the same gradient evaluations as RST at p
+    short, long = by[f'SAM short p={p:g}'], by[f'base long p={p:g}']
+    assert rst_optax.decisions(kinds.schedule_of(short, 600)[0], 0, 0,
+                               10).all()
+    assert not rst_optax.decisions(kinds.schedule_of(long, 600)[0], 0, 0,
+                                   10).any()
+    assert 2 * steps[short.name] == kinds.steps_of(long, total) == round(
+        (1 + p) * total)
+  assert kinds.grid_of(by['base long p=0.2'], (0.1, 0.2)) == [(0.0, 0.0)]
+  assert kinds.grid_of(by['SAM short p=0.2'], (0.1, 0.2)) == [(0.1, 0.0),
+                                                              (0.2, 0.0)]
+  # AdamW's warmup-cosine over 1000 steps (100 of warmup), run for 600: the
+  # whole schedule compressed, peak at step 60 and zero at the run's end
+  lr = train.learning_rate(('adamw', 0.05, 100), 600, 1e-3, recipe_steps=1000)
+  assert float(lr(0)) == 0 and float(lr(60)) == pytest.approx(1e-3)
+  assert float(lr(30)) == pytest.approx(5e-4)
+  assert float(lr(600)) == pytest.approx(0.0, abs=1e-9)
+  assert float(lr(330)) == pytest.approx(5e-4, rel=1e-3)  # mid-decay
+  lr = train.learning_rate(('adamw', 0.05, 100), 1500, 1e-3, recipe_steps=1000)
+  assert float(lr(150)) == pytest.approx(1e-3)
+
+
+def test_fixed_budget_runs_take_their_own_number_of_steps(tmp_path):
+  result = cli.main(['--quick', '--kinds', 'sam_short,base_long', '--out',
+                     str(tmp_path / 'out'), '--cache', str(tmp_path / 'c'),
+                     '--no-flatness', '--rhos', '0.05'])
+  assert result['flatness'] == {}  # skipped, as asked
+  steps = result['settings']['total_steps']
+  by = {r['config']: r for r in result['runs'] if r['seed'] == 0}
+  assert by['SAM']['steps'] == steps and by['SAM']['passes'] == 2 * steps
+  short, long = by['SAM short p=0.5'], by['base long p=0.5']
+  assert short['steps'] == short['sam_steps'] == round(0.75 * steps)
+  assert long['steps'] == round(1.5 * steps) and long['sam_steps'] == 0
+  assert short['passes'] == long['passes'] == round(1.5 * steps)
+
+
+def test_the_budget_table_pits_the_best_on_validation_against_both():
+  from benchmarks.label_noise import budget
+  runs = []
+  for seed in range(3):
+    for config, kind, p, val, test in (
+        ('SGD', 'sgd', 0.0, 0.6, 0.60), ('SAM', 'sam', 1.0, 0.8, 0.80),
+        ('RST p=0.2', 'rst', 0.2, 0.7, 0.90),  # best on test, not on val
+        ('LookSAM p=0.2', 'looksam', 0.2, 0.75, 0.78 + 0.01 * seed),
+        ('SAM short p=0.2', 'sam_short', 0.2, 0.7, 0.75),
+        ('base long p=0.2', 'base_long', 0.2, 0.6, 0.62)):
+      runs.append(record(config, 0.0 if kind in ('sgd', 'base_long') else 0.1,
+                         seed, val, test, kind=kind) | {'p': p, 'alpha': 0.0})
+  result = {'runs': runs, 'summary': stats.summarize(runs)}
+  (row,) = budget.budget_rows(result)['0.2']
+  assert row['budget'] == pytest.approx(0.6)
+  assert row['best']['config'] == 'LookSAM p=0.2'  # chosen on validation
+  assert row['vs_short']['mean'] == pytest.approx(0.04)  # 0.79 - 0.75
+  assert row['vs_long']['mean'] == pytest.approx(0.17)
+  assert row['vs_short']['sem'] == pytest.approx(0.01 / np.sqrt(3))
+  text = budget.format_budget({'0.2': [row]})
+  assert '| 0.60 | LookSAM p=0.2 (0.1) |' in text and '+4.00 ±' in text
+
+
+def test_the_reuse_share_probe_sees_sgd_follow_the_direction_and_adam_turn_it():
+  from benchmarks.label_noise import reuse_share
+  rng = np.random.default_rng(0)
+  data = {'x': rng.normal(size=(256, 40)).astype(np.float32),
+          'y': rng.integers(0, 10, 256).astype(np.int32)}
+  # one step of reuse: SGD's extra displacement is exactly along -g_v (it is
+  # linear in its input); Adam's per-coordinate scaling turns it
+  (sgd,) = reuse_share.probe('cnn', 'sgd', (0.5,), 3, 1, 0.1, 0, data)
+  (adam,) = reuse_share.probe('cnn', 'adamw', (0.5,), 3, 1, 0.1, 0, data)
+  assert sgd['cos_with_direction'] == pytest.approx(1.0, abs=1e-4)
+  assert adam['cos_with_direction'] < 0.99 and sgd['share'] > 0

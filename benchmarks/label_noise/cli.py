@@ -58,9 +58,24 @@ def parse_args(argv=None):
                       'them)')
   from examples import mnist1d_demo
   mnist1d_demo.add_recipe_arguments(parser)
+  parser.add_argument('--model', choices=('cnn', 'transformer'), default='cnn',
+                      help='cnn: the 1-D CNN, SGD with momentum 0.9 and a '
+                      'cosine decay; transformer: the pre-LN transformer '
+                      '(benchmarks/label_noise/transformer.py), AdamW with '
+                      'a warmup-cosine schedule')
+  parser.set_defaults(lr=None)
+  parser.add_argument('--weight-decay', type=float, default=0.05,
+                      help='decoupled weight decay of AdamW (transformer)')
+  parser.add_argument('--warmup-epochs', type=float, default=2.0,
+                      help='linear warmup of AdamW (transformer), in epochs')
   parser.add_argument('--flat-radius', type=float, default=0.2,
                       help='common radius of the epsilon-sharpness (it is '
                       "also measured at each run's own radius)")
+  parser.add_argument('--flatness', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='measure flatness at the end (--no-flatness: '
+                      'skip it, e.g. for the transformer, where it costs '
+                      'more than the runs of a part)')
   for flag, default, what in (
       ('--flat-top', 3, 'RST-family configurations measured for flatness'),
       ('--flat-n', 1000, 'training samples in the flatness loss'),
@@ -93,6 +108,17 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   if args.recipes and args.name == 'label_noise':
     args.name = 'label_noise_recipes'
+  if args.lr is None:  # the peak learning rate of each model's recipe
+    args.lr = {'cnn': 0.1, 'transformer': 2e-3}[args.model]
+  if not args.lr > 0:
+    parser.error(f'--lr must be > 0; got {args.lr}.')
+  if args.weight_decay < 0 or args.warmup_epochs < 0:
+    parser.error('--weight-decay and --warmup-epochs must be >= 0; got '
+                 f'{args.weight_decay}, {args.warmup_epochs}.')
+  if args.model == 'cnn' and (args.weight_decay != 0.05
+                              or args.warmup_epochs != 2.0):
+    parser.error('--weight-decay and --warmup-epochs set the transformer\'s '
+                 'AdamW; the CNN trains with SGD (use --model transformer).')
   if args.quick:
     args.seeds, args.epochs, args.num_samples, args.val_size = 2, 4, 500, 100
     args.batch_size, args.rhos, args.p, args.noise = 50, (0.05, 0.2), (0.5,), (
@@ -214,7 +240,8 @@ def main(argv=None):
   records, finals, info = run_jobs(args, partial)
   train_s = time.perf_counter() - start
   summary = stats.summarize(records)
-  flat = train.measure_flatness(args, summary, finals)
+  flat = (train.measure_flatness(args, summary, finals) if args.flatness
+          else {})
   elapsed = time.perf_counter() - start
 
   settings = {k: (list(v) if isinstance(v, tuple) else v)

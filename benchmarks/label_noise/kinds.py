@@ -27,7 +27,12 @@ The kinds:
   ``rst(..., reuse_window=k)``; before that option, alpha was set to 0 on
   the other steps on the host, with ``fresh_mask``: the same bits);
 - ``looksam``: a SAM step every k = 1 / p steps, lam = 1, with reuse
-  (LookSAM: ``schedules.periodic(k)`` and ``reuse=alpha``).
+  (LookSAM: ``schedules.periodic(k)`` and ``reuse=alpha``);
+- ``sam_short``: SAM for (1 + p) / 2 of the steps, its learning-rate
+  schedule compressed to that length: the same gradient evaluations as the
+  kinds at p (the fixed-budget baseline);
+- ``base_long``: the base optimizer (SGD or AdamW) for 1 + p times the
+  steps, its schedule stretched: the same gradient evaluations again.
 
 The kinds with reuse run at every alpha of ``--alphas`` and are not run by
 default (``DEFAULT_KINDS``).
@@ -48,6 +53,7 @@ class Kind(NamedTuple):
   rho_scale: str = '1'  # actual radius = grid radius x '1', '1/p' or 'k'
   reuse: bool = False  # alpha chosen on validation together with rho
   fresh: bool = False  # reuse only up to k = 1 / p steps after a SAM step
+  steps: str = '1'  # run length over the recipe's: '1', '(1+p)/2' or '1+p'
   marker: str = 'o'  # in the plots
 
 
@@ -71,6 +77,8 @@ KINDS = {
                         fresh=True, marker='x'),
     'looksam': Kind('LookSAM (every k + reuse)', 'periodic', reuse=True,
                     marker='h'),
+    'sam_short': Kind('SAM short', 'always', steps='(1+p)/2', marker='*'),
+    'base_long': Kind('base long', 'never', steps='1+p', marker='.'),
 }
 DEFAULT_KINDS = tuple(name for name, kind in KINDS.items() if not kind.reuse)
 
@@ -87,6 +95,7 @@ class Config(NamedTuple):
   p: float  # nominal mean probability of a SAM step (SGD 0, SAM 1)
   rho_scale: float  # actual radius = grid radius x rho_scale
   k: int | None  # period of the periodic kinds (and the fresh bound)
+  step_scale: float = 1.0  # run length over the recipe's (steps of Kind)
 
 
 def make_configs(args) -> list[Config]:
@@ -100,8 +109,18 @@ def make_configs(args) -> list[Config]:
       scale = {'1': 1.0, '1/p': 1.0 / p, 'k': float(k)}[kind.rho_scale]
       out.append(Config(f'{kind.label} p={p:g}', name, p, scale,
                         k if kind.schedule == 'periodic' or kind.fresh
-                        else None))
+                        else None, step_scale(kind, p)))
   return out
+
+
+def step_scale(kind: Kind, p: float) -> float:
+  """The run length of ``kind`` at budget p over the recipe's length."""
+  return {'1': 1.0, '(1+p)/2': (1.0 + p) / 2.0, '1+p': 1.0 + p}[kind.steps]
+
+
+def steps_of(config: Config, total_steps: int) -> int:
+  """The number of steps ``config`` runs, the recipe running ``total_steps``."""
+  return max(1, round(config.step_scale * total_steps))
 
 
 def schedule_of(config: Config, total_steps: int):
@@ -138,11 +157,11 @@ def lam_of(config: Config, schedule, total_steps: int) -> float:
 def grid_of(config: Config, rhos, alphas=(0.0,)):
   """The (grid radius, alpha) pairs ``config`` runs at, alpha first.
 
-  SGD runs once, at (0, 0). A kind without reuse runs at every radius of
-  ``rhos`` with alpha = 0; a kind with reuse at every pair of ``rhos`` and
-  ``alphas``.
+  SGD (and ``base_long``) runs once, at (0, 0). A kind without reuse runs
+  at every radius of ``rhos`` with alpha = 0; a kind with reuse at every
+  pair of ``rhos`` and ``alphas``.
   """
-  if config.kind == 'sgd':
+  if spec(config.kind).schedule == 'never':  # SGD and base_long: no radius
     return [(0.0, 0.0)]
   alphas = alphas if spec(config.kind).reuse else (0.0,)
   return [(rho, alpha) for alpha in alphas for rho in rhos]

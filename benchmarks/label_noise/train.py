@@ -41,12 +41,63 @@ def corrupt_labels(y, fraction, seed):
   return noisy, replaced
 
 
+def make_model(args, length, seed):
+  """The ``--model`` network of a run, initialized from ``seed``."""
+  from flax import nnx
+  if getattr(args, 'model', 'cnn') == 'transformer':
+    from benchmarks.label_noise import transformer
+    return transformer.Transformer(length, nnx.Rngs(seed))
+  from examples import mnist1d_demo as demo
+  return demo.CNN(args.width, length, nnx.Rngs(seed))
+
+
+def recipe_of(args, steps_per_epoch):
+  """The base optimizer of ``--model``, hashable (``build_trainer``'s).
+
+  CNN: ``('sgd',)``, SGD with momentum 0.9 and a cosine decay from
+  ``--lr``. Transformer: ``('adamw', weight_decay, warmup_steps)``,
+  ``optax.adamw`` (decoupled weight decay) with a linear warmup over
+  ``--warmup-epochs`` then a cosine decay.
+  """
+  if getattr(args, 'model', 'cnn') == 'transformer':
+    return ('adamw', float(args.weight_decay),
+            round(args.warmup_epochs * steps_per_epoch))
+  return ('sgd',)
+
+
+def learning_rate(recipe, total_steps, lr, recipe_steps=None):
+  """The learning-rate schedule of ``recipe`` over a run of ``total_steps``.
+
+  ``recipe_steps``: the length the recipe was set for (default
+  ``total_steps``); a shorter or longer run (``kinds.steps_of``) compresses
+  or stretches the whole schedule, AdamW's warmup included, by
+  ``total_steps / recipe_steps``.
+  """
+  import optax
+  if recipe[0] == 'adamw':
+    scale = total_steps / (recipe_steps or total_steps)
+    warmup = min(round(recipe[2] * scale), total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
+  return optax.cosine_decay_schedule(lr, total_steps)
+
+
+def base_optimizer(recipe, total_steps, lr, recipe_steps=None):
+  """The base optimizer of ``recipe`` with ``learning_rate``'s schedule."""
+  import optax
+  schedule = learning_rate(recipe, total_steps, lr, recipe_steps)
+  if recipe[0] == 'adamw':
+    return optax.adamw(schedule, weight_decay=recipe[1])
+  return optax.sgd(schedule, momentum=0.9)
+
+
 @functools.cache
-def build_trainer(graphdef, total_steps, lr):
+def build_trainer(graphdef, total_steps, lr, recipe=('sgd',),
+                  recipe_steps=None):
   """The jitted train step and evaluation, shared by every run of a process.
 
-  Cached: the jobs of a process with the same model, length and learning rate
-  reuse the compiled executables.
+  Cached: the jobs of a process with the same model, run length, learning
+  rate and base recipe (``recipe_of``) reuse the compiled executables; a
+  configuration that runs another number of steps gets its own.
   """
   import jax
   import jax.numpy as jnp
@@ -55,7 +106,7 @@ def build_trainer(graphdef, total_steps, lr):
 
   import rst_optax
 
-  base = optax.sgd(optax.cosine_decay_schedule(lr, total_steps), momentum=0.9)
+  base = base_optimizer(recipe, total_steps, lr, recipe_steps)
 
   def loss_fn(params, x, y):
     logits = nnx.merge(graphdef, params)(x)
@@ -96,6 +147,8 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
               orders, total_steps, alpha=0.0, fresh=None):
   """One run; returns its record and final parameters (None if diverged).
 
+  ``orders``: the batches of each epoch, at least ``total_steps`` in all;
+  the run takes the first ``total_steps``.
   ``alpha``: the reuse strength (0: none). ``fresh``: if given, an int k:
   base steps reuse only while the last SAM step is at most k steps old
   (``rst(..., reuse_window=k)``).
@@ -114,8 +167,10 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
   rho_a, lam_a = np.float32(rho), np.float32(lam)
   params, t, wall, status, history = params0, 0, 0.0, 'ok', []
   for order in orders:
+    if t == total_steps:  # a shorter run than the orders (kinds.steps_of)
+      break
     start = time.perf_counter()
-    for idx in order:
+    for idx in order[:total_steps - t]:
       params, opt_state, loss = train_step(
           params, opt_state, rho_a, lam_a, alpha_a, x, y, idx,
           take_sam=bool(plan[t]), reusing=bool(alpha), window=window)
@@ -156,10 +211,10 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
 
 
 def warm_up(trainer, params0, data, y_train, batch, reuse=False,
-            windows=()):
-  """Compiles both branches of the train step outside the timed loops (and
-  those of the step with reuse, if ``reuse``, and with each reuse window of
-  ``windows``)."""
+            windows=(), branches=(False, True)):
+  """Compiles the train step outside the timed loops: its ``branches``
+  (values of ``take_sam``), and those of the step with reuse if ``reuse``,
+  and with each reuse window of ``windows``."""
   import jax
   make_tx, train_step, evaluate, _ = trainer
   idx = np.arange(batch, dtype=np.int32)
@@ -167,7 +222,7 @@ def warm_up(trainer, params0, data, y_train, batch, reuse=False,
       (0.5, k) for k in windows]
   for alpha, window in variants:
     opt_state = make_tx(0.5, 0.05, 1.0, 0, alpha, window).init(params0)
-    for take_sam in (False, True):
+    for take_sam in branches:
       jax.block_until_ready(train_step(
           params0, opt_state, np.float32(0.05), np.float32(1.0),
           np.float32(alpha), jax.numpy.asarray(data['x']),
@@ -182,6 +237,8 @@ def run_job(args, noise, seed):
   ``(config, rho_grid, alpha)`` (None if it diverged to NaN) and the sizes
   of the job (steps, splits).
   """
+  import math
+
   import jax
   from flax import nnx
 
@@ -193,29 +250,44 @@ def run_job(args, noise, seed):
   steps_per_epoch = n_train // batch
   total_steps = steps_per_epoch * args.epochs
   y_train, replaced = corrupt_labels(data['y'], noise, seed)
-  model = demo.CNN(args.width, data['x'].shape[1], nnx.Rngs(seed))
+  model = make_model(args, data['x'].shape[1], seed)
   graphdef, params0 = nnx.split(model, nnx.Param)
   params0 = jax.tree.map(jax.numpy.asarray, params0)
-  trainer = build_trainer(graphdef, total_steps, args.lr)
-  warm_up(trainer, params0, data, y_train, batch,
-          reuse=any(kinds.KINDS[k].reuse for k in args.kinds),
-          windows=sorted({c.k for c in kinds.make_configs(args)
-                          if kinds.spec(c.kind).fresh}))
+  recipe = recipe_of(args, steps_per_epoch)
+  configs = kinds.make_configs(args)
+  warmed = set()
+
+  def trainer_of(steps, config):  # compiled outside the timed loops, once
+    trainer = build_trainer(graphdef, steps, args.lr, recipe, total_steps)
+    spec = kinds.spec(config.kind)
+    branches = {'never': (False,), 'always': (True,)}.get(
+        spec.schedule, (False, True))
+    windows = (config.k,) if spec.fresh else ()
+    if (steps, branches, spec.reuse, windows) not in warmed:
+      warm_up(trainer, params0, data, y_train, batch, spec.reuse, windows,
+              branches)
+      warmed.add((steps, branches, spec.reuse, windows))
+    return trainer
+
+  longest = max(kinds.steps_of(c, total_steps) for c in configs)
   rng = np.random.default_rng(seed)  # the data order of every run
   orders = [rng.permutation(n_train)[:steps_per_epoch * batch].reshape(
-      steps_per_epoch, batch).astype(np.int32) for _ in range(args.epochs)]
+      steps_per_epoch, batch).astype(np.int32)
+            for _ in range(max(args.epochs,
+                               math.ceil(longest / steps_per_epoch)))]
   done, records, finals = {}, [], {}
-  for config in kinds.make_configs(args):
-    schedule, key = kinds.schedule_of(config, total_steps)
-    lam = kinds.lam_of(config, schedule, total_steps)
+  for config in configs:
+    steps = kinds.steps_of(config, total_steps)
+    schedule, key = kinds.schedule_of(config, steps)
+    lam = kinds.lam_of(config, schedule, steps)
     fresh = config.k if kinds.spec(config.kind).fresh else None
     for rho_grid, alpha in kinds.grid_of(config, args.rhos, args.alphas):
       rho = rho_grid * config.rho_scale
-      run_key = (key, round(rho, 9), round(lam, 9), alpha, fresh)
+      run_key = (key, steps, round(rho, 9), round(lam, 9), alpha, fresh)
       if run_key not in done:  # e.g. RST rho/p at one grid point = RST at 2x
-        done[run_key] = train_one(trainer, params0, data, y_train, schedule,
-                                  rho, lam, seed, orders, total_steps,
-                                  alpha, fresh)
+        done[run_key] = train_one(
+            trainer_of(steps, config), params0, data, y_train,
+            schedule, rho, lam, seed, orders, steps, alpha, fresh)
       record, final = done[run_key]
       records.append(dict(record) | {
           'config': config.name, 'kind': config.kind, 'p': config.p,
@@ -230,15 +302,16 @@ def run_job(args, noise, seed):
 
 
 @functools.cache
-def _flatness_fn(width, length, flat_iters, flat_steps):
+def _flatness_fn(model, width, length, flat_iters, flat_steps):
   """The jitted flatness measures for one model shape, compiled once."""
+  import argparse
+
   import jax
   from flax import nnx
 
-  from examples import mnist1d_demo as demo
   from rst_optax import sharpness
-  graphdef, template = nnx.split(demo.CNN(width, length, nnx.Rngs(0)),
-                                 nnx.Param)
+  graphdef, template = nnx.split(make_model(argparse.Namespace(
+      model=model, width=width), length, 0), nnx.Param)
   _, _, _, loss_fn = build_trainer(graphdef, 1, 0.1)
 
   def loss_at(leaves, x, y):
@@ -275,7 +348,8 @@ def flatness(args, noise, seed, params_by_config, own_rho):
   data = demo.load_data(args.num_samples, args.val_size, args.cache)
   y_train, _ = corrupt_labels(data['y'], noise, seed)
   top_eigenvalue, eps_sharpness = _flatness_fn(
-      args.width, data['x'].shape[1], args.flat_iters, args.flat_steps)
+      getattr(args, 'model', 'cnn'), args.width, data['x'].shape[1],
+      args.flat_iters, args.flat_steps)
   x = jnp.asarray(data['x'][:args.flat_n])
   y = jnp.asarray(y_train[:args.flat_n])
   out = {}

@@ -673,7 +673,8 @@ def rst(
     if take_sam is None:
       key = jax.random.wrap_key_data(state.key, impl=key_impl)
       take_sam = _coin.coin(key, count, p_schedule)
-    last_sam_step = getattr(state, 'last_sam_step', None)
+    last_sam_step = (state.last_sam_step
+                     if isinstance(state, RSTWindowState) else None)
     sam_branch, base_branch = branches(params, grad_fn, count, last_sam_step)
     reused = (state.reuse_direction
               if isinstance(state, _REUSE_STATE_TYPES) else None)
@@ -690,7 +691,7 @@ def rst(
           take_sam, sam_branch, base_branch, updates, local_updates, reused)
       sam_steps = jnp.where(take_sam, optax.safe_increment(state.sam_steps),
                             state.sam_steps)
-      if window is not None:
+      if last_sam_step is not None:
         last_sam_step = jnp.where(take_sam, count, last_sam_step)
     new_updates, base_state = base_tx.update(
         direction, state.base_state, params, **extra_args)

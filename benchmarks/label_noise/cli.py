@@ -56,11 +56,20 @@ def parse_args(argv=None):
                       help='run SGD and SAM (--no-baselines: a part whose '
                       'runs are pooled with --from-json with one that has '
                       'them)')
+  parser.add_argument('--sam-rhos', type=floats, default=None,
+                      help='radii of the baseline SAM (default: --rhos)')
+  parser.add_argument('--seed-list', type=lambda t: tuple(
+      int(v) for v in t.split(',') if v.strip()), default=None,
+                      help='run these seeds instead of 0 .. --seeds - 1')
   from examples import mnist1d_demo
   mnist1d_demo.add_recipe_arguments(parser)
   parser.add_argument('--flat-radius', type=float, default=0.2,
                       help='common radius of the epsilon-sharpness (it is '
                       "also measured at each run's own radius)")
+  parser.add_argument('--flatness', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='measure flatness at the end (--no-flatness: '
+                      'skip it, SGD and SAM included)')
   for flag, default, what in (
       ('--flat-top', 3, 'RST-family configurations measured for flatness'),
       ('--flat-n', 1000, 'training samples in the flatness loss'),
@@ -134,7 +143,8 @@ def run_jobs(args, out_partial):
 
   The records so far are written to ``out_partial`` after every job.
   """
-  jobs = [(noise, seed) for seed in range(args.seeds) for noise in args.noise]
+  seeds = getattr(args, 'seed_list', None) or range(args.seeds)
+  jobs = [(noise, seed) for seed in seeds for noise in args.noise]
   print(f'{len(jobs)} jobs (noise x seed), {len(kinds.make_configs(args))} '
         f'configurations x {len(args.rhos)} radii each; {args.workers} '
         f'worker(s); load {os.getloadavg()[0]:.2f}', flush=True)
@@ -194,7 +204,8 @@ def main(argv=None):
   records, finals, info = run_jobs(args, partial)
   train_s = time.perf_counter() - start
   summary = stats.summarize(records)
-  flat = train.measure_flatness(args, summary, finals)
+  flat = (train.measure_flatness(args, summary, finals) if args.flatness
+          else {})
   elapsed = time.perf_counter() - start
 
   settings = {k: (list(v) if isinstance(v, tuple) else v)

@@ -90,12 +90,13 @@ def build_trainer(graphdef, total_steps, lr):
 
 
 def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
-              orders, total_steps, alpha=0.0, fresh=None):
+              orders, total_steps, alpha=0.0, fresh=None, reuse=None):
   """One run; returns its record and final parameters (None if diverged).
 
   ``alpha``: the reuse strength (0: none). ``fresh``: if given, an int k:
   base steps reuse only while the last SAM step is at most k steps old
-  (alpha is passed as 0 on the others).
+  (alpha is passed as 0 on the others). ``reuse``: if given, a schedule of
+  alpha (``kinds.reuse_schedule``), whose value at each step is passed.
   """
   import jax
   import jax.numpy as jnp
@@ -106,6 +107,8 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
   opt_state = tx.init(params0)
   plan = rst_optax.decisions(schedule, seed, 0, total_steps)
   alphas = np.full(total_steps, alpha, np.float32)
+  if reuse is not None:
+    alphas = kinds.alpha_steps(reuse, total_steps)
   if fresh is not None:
     alphas = np.where(kinds.fresh_mask(plan, fresh), alphas, 0).astype(
         np.float32)
@@ -202,13 +205,19 @@ def run_job(args, noise, seed):
     schedule, key = kinds.schedule_of(config, total_steps)
     lam = kinds.lam_of(config, schedule, total_steps)
     fresh = config.k if kinds.spec(config.kind).fresh else None
-    for rho_grid, alpha in kinds.grid_of(config, args.rhos, args.alphas):
+    rhos = args.rhos
+    if config.kind == 'sam' and getattr(args, 'sam_rhos', None):
+      rhos = args.sam_rhos
+    for rho_grid, alpha in kinds.grid_of(config, rhos, args.alphas):
       rho = rho_grid * config.rho_scale
-      run_key = (key, round(rho, 9), round(lam, 9), alpha, fresh)
+      reuse, ramp = kinds.reuse_schedule(config.kind, alpha, steps_per_epoch)
+      ramp_key = (kinds.spec(config.kind).warmup > 0, ramp) if ramp else None
+      run_key = (key, round(rho, 9), round(lam, 9), alpha, fresh, ramp_key)
       if run_key not in done:  # e.g. RST rho/p at one grid point = RST at 2x
         done[run_key] = train_one(trainer, params0, data, y_train, schedule,
                                   rho, lam, seed, orders, total_steps,
-                                  alpha, fresh)
+                                  alpha, fresh,
+                                  reuse if ramp else None)
       record, final = done[run_key]
       records.append(dict(record) | {
           'config': config.name, 'kind': config.kind, 'p': config.p,

@@ -40,7 +40,7 @@ def test_configurations_scale_rho_and_lam_as_named():
   # the default kinds: all but the three with reuse, at each of the two p
   assert set(kinds.KINDS) - set(kinds.DEFAULT_KINDS) == {
       'reuse', 'reuse_fresh', 'looksam', 'looksam_warm1', 'looksam_warm5',
-      'looksam_delay5'}
+      'looksam_delay5', 'looksam_warm5_rho'}
   assert len(by) == 2 + 2 * len(kinds.DEFAULT_KINDS)
   for p, k in ((0.5, 2), (0.25, 4)):
     get = lambda kind, p=p: next(c for c in by.values()
@@ -136,6 +136,17 @@ def test_reuse_schedules_of_the_warm_up_and_delay_kinds():
   alphas = kinds.alpha_steps(reuse, 400)
   assert steps == 175 and alphas.tolist() == [0.0] * 175 + [0.5] * 225
   assert kinds.reuse_schedule('looksam', 0.5, 35) == (0.5, 0)
+  assert kinds.rho_schedule('looksam_warm5', 0.3, 35) == (0.3, 0)
+  rho, steps = kinds.rho_schedule('looksam_warm5_rho', 0.3, 35)
+  alpha, _ = kinds.reuse_schedule('looksam_warm5_rho', 0.5, 35)
+  assert steps == 175
+  np.testing.assert_array_equal(
+      kinds.alpha_steps(rho, 400),
+      np.float32([jax.jit(optax.linear_schedule(0.0, 0.3, 175))(
+          jnp.int32(t)) for t in range(400)]))
+  assert kinds.alpha_steps(rho, 400)[175:].tolist() == [np.float32(0.3)] * 225
+  assert kinds.alpha_steps(alpha, 400).tolist() == kinds.alpha_steps(
+      kinds.reuse_schedule('looksam_warm5', 0.5, 35)[0], 400).tolist()
   assert kinds.alpha_steps(0.5, 3).tolist() == [0.5] * 3
 
 

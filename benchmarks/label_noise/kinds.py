@@ -33,7 +33,10 @@ The kinds:
   per-step alpha passed from the host is that schedule's value at each step,
   ``alpha_steps``);
 - ``looksam_delay5``: LookSAM with no reuse in the first 5 epochs' steps,
-  then alpha.
+  then alpha;
+- ``looksam_warm5_rho``: LookSAM whose alpha and rho both rise linearly from
+  0 over the first 5 epochs' steps (``rho=optax.linear_schedule(0.0, rho,
+  k)`` too, ``rho_schedule``).
 
 The kinds with reuse run at every alpha of ``--alphas`` and are not run by
 default (``DEFAULT_KINDS``).
@@ -57,6 +60,7 @@ class Kind(NamedTuple):
   marker: str = 'o'  # in the plots
   warmup: float = 0.0  # epochs over which alpha rises linearly from 0
   delay: float = 0.0  # epochs without reuse at the start
+  rho_warmup: bool = False  # rho rises linearly from 0 over the warm-up too
 
 
 BASELINES = {
@@ -85,6 +89,9 @@ KINDS = {
                           reuse=True, marker='H', warmup=5.0),
     'looksam_delay5': Kind('LookSAM, no reuse for 5 epochs', 'periodic',
                            reuse=True, marker='8', delay=5.0),
+    'looksam_warm5_rho': Kind('LookSAM, alpha and rho warm-up 5 epochs',
+                              'periodic', reuse=True, marker='p', warmup=5.0,
+                              rho_warmup=True),
 }
 DEFAULT_KINDS = tuple(name for name, kind in KINDS.items() if not kind.reuse)
 
@@ -206,6 +213,18 @@ def reuse_schedule(kind: str, alpha: float, steps_per_epoch: int):
     return optax.join_schedules([optax.constant_schedule(0.0),
                                  optax.constant_schedule(alpha)], [steps]), steps
   return alpha, 0
+
+
+def rho_schedule(kind: str, rho: float, steps_per_epoch: int):
+  """The ``rho`` of ``kind``: the float ``rho``, or, for a kind with
+  ``rho_warmup``, ``optax.linear_schedule(0.0, rho, steps)`` over its
+  warm-up; with the length in steps (0 for a constant)."""
+  import optax
+  entry = spec(kind)
+  if not entry.rho_warmup:
+    return rho, 0
+  steps = max(1, round(entry.warmup * steps_per_epoch))
+  return optax.linear_schedule(0.0, rho, steps), steps
 
 
 def alpha_steps(reuse, total_steps: int):

@@ -150,7 +150,8 @@ def trace_seed(args, seed):
   before, dead, norm, dot = _diagnostics(graphdef, loss_fn)
   x, y = jnp.asarray(data['x']), jnp.asarray(y_train)
   xf, yf = x[:args.fixed_batch], y[:args.fixed_batch]
-  opt_state = make_tx(schedule, args.rho, 1.0, seed, args.alpha).init(params)
+  # the state of rst with reuse (alpha here sets only its structure)
+  opt_state = make_tx(schedule, args.rho, 1.0, seed, 1.0).init(params)
   twin = jax.tree.map(jnp.zeros_like, params)  # the reused terms' momentum
   rho, lam = np.float32(args.rho), np.float32(1.0)
   last_sam, rows = None, []

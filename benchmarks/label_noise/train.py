@@ -90,13 +90,15 @@ def build_trainer(graphdef, total_steps, lr):
 
 
 def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
-              orders, total_steps, alpha=0.0, fresh=None, reuse=None):
+              orders, total_steps, alpha=0.0, fresh=None, reuse=None,
+              rho_schedule=None):
   """One run; returns its record and final parameters (None if diverged).
 
   ``alpha``: the reuse strength (0: none). ``fresh``: if given, an int k:
   base steps reuse only while the last SAM step is at most k steps old
   (alpha is passed as 0 on the others). ``reuse``: if given, a schedule of
-  alpha (``kinds.reuse_schedule``), whose value at each step is passed.
+  alpha (``kinds.reuse_schedule``), whose value at each step is passed;
+  ``rho_schedule`` likewise for rho (``kinds.rho_schedule``).
   """
   import jax
   import jax.numpy as jnp
@@ -114,12 +116,15 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
         np.float32)
   x, y = jnp.asarray(data['x']), jnp.asarray(y_train)
   rho_a, lam_a = np.float32(rho), np.float32(lam)
+  rho_t = (kinds.alpha_steps(rho_schedule, total_steps)
+           if rho_schedule is not None else None)
   params, t, wall, status, history = params0, 0, 0.0, 'ok', []
   for order in orders:
     start = time.perf_counter()
     for idx in order:
       params, opt_state, loss = train_step(
-          params, opt_state, rho_a, lam_a, alphas[t], x, y, idx,
+          params, opt_state, rho_a if rho_t is None else rho_t[t], lam_a,
+          alphas[t], x, y, idx,
           take_sam=bool(plan[t]), reusing=bool(alpha))
       t += 1
     loss = float(loss)  # waits for the epoch
@@ -211,13 +216,16 @@ def run_job(args, noise, seed):
     for rho_grid, alpha in kinds.grid_of(config, rhos, args.alphas):
       rho = rho_grid * config.rho_scale
       reuse, ramp = kinds.reuse_schedule(config.kind, alpha, steps_per_epoch)
-      ramp_key = (kinds.spec(config.kind).warmup > 0, ramp) if ramp else None
+      rho_ramp, rho_steps = kinds.rho_schedule(config.kind, rho,
+                                               steps_per_epoch)
+      ramp_key = (config.kind, ramp, rho_steps) if ramp or rho_steps else None
       run_key = (key, round(rho, 9), round(lam, 9), alpha, fresh, ramp_key)
       if run_key not in done:  # e.g. RST rho/p at one grid point = RST at 2x
         done[run_key] = train_one(trainer, params0, data, y_train, schedule,
                                   rho, lam, seed, orders, total_steps,
                                   alpha, fresh,
-                                  reuse if ramp else None)
+                                  reuse if ramp else None,
+                                  rho_ramp if rho_steps else None)
       record, final = done[run_key]
       records.append(dict(record) | {
           'config': config.name, 'kind': config.kind, 'p': config.p,

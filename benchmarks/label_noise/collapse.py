@@ -163,12 +163,15 @@ def trace_summary(traces):
     setting = tr['tag'] or (f"α={tr['alpha']:g}" + (
         f", warm-up {tr['warmup']}" if tr['warmup'] else ''))
     dead = ', '.join(f'{v:.2f}' for v in rows[-1]['dead_units'])
+    fmt = lambda v, f='.2f': format(v, f) if np.isfinite(v) else '–'
+    top = lambda v: max(v) if v else float('nan')
+    mean = lambda v: float(np.mean(v)) if v else float('nan')
     lines.append(
-        f"| {tr['seed']} | {setting}, lr {tr['lr']:g}, noise "
-        f"{tr['noise']:.0%} | {len(rows)} | {rows[-1]['loss_fixed']:.3f} | "
-        f"{max(ratio):.2f} | {np.mean(share):.2f}, {max(share):.2f} | "
-        f"{np.mean(mcos):.2f} | "
-        f"{np.mean(by_age[1]):+.2f} / {np.mean(by_age[4]):+.2f} | {dead} |")
+        f"| {tr['seed']} | {setting}, noise {tr['noise']:.0%} | {len(rows)} "
+        f"| {rows[-1]['loss_fixed']:.3f} | {fmt(top(ratio))} | "
+        f"{fmt(mean(share))}, {fmt(top(share))} | {fmt(mean(mcos))} | "
+        f"{fmt(mean(by_age[1]), '+.2f')} / {fmt(mean(by_age[4]), '+.2f')} | "
+        f"{dead} |")
   return '\n'.join(lines)
 
 

@@ -4,7 +4,8 @@ Reruns one (noise, seed) job of the label-noise benchmark exactly as
 ``train.run_job`` trains it (the same labels, initialization, data order and
 jitted train step, so the trajectory is the benchmark's, bit for bit) for
 the first ``--steps`` steps, at ``schedules.periodic(k)`` with
-``reuse=alpha`` (optionally warmed up), and records per step:
+``reuse=alpha`` (optionally warmed up: alpha, or alpha and rho, rise
+linearly from 0 over ``--warmup`` steps), and records per step:
 
 - ``loss``: the minibatch loss; ``loss_fixed``: the loss on a fixed batch;
 - ``g_norm``: the gradient's norm; ``reused_norm``: that of the reused term
@@ -25,6 +26,7 @@ the first ``--steps`` steps, at ``schedules.periodic(k)`` with
 Run (from the repository root), e.g.
   python -m benchmarks.label_noise.trace --seed 3 --noise 0.4 --steps 300
   python -m benchmarks.label_noise.trace --seed 3 --warmup 135 --tag warm
+  python -m benchmarks.label_noise.trace --seed 3 --warmup 135 --rho-warmup
 Several ``--seed`` values (comma-separated) are traced in turn; the JSON and
 a PNG figure go to ``--out`` as ``{--name}.json`` / ``.png``.
 """
@@ -60,6 +62,8 @@ def parse_args(argv=None):
   parser.add_argument('--warmup', type=int, default=0,
                       help='steps of a linear warm-up of alpha from 0 '
                       '(optax.linear_schedule); 0: none')
+  parser.add_argument('--rho-warmup', action='store_true',
+                      help='warm rho up from 0 over the --warmup steps too')
   parser.add_argument('--fixed-batch', type=int, default=512,
                       help='training samples of the fixed batch (dead units, '
                       'loss_fixed)')
@@ -146,6 +150,9 @@ def trace_seed(args, seed):
   reuse = (optax.linear_schedule(0.0, args.alpha, args.warmup)
            if args.warmup else args.alpha)
   alphas = kinds.alpha_steps(reuse, args.steps)
+  rhos = kinds.alpha_steps(
+      optax.linear_schedule(0.0, args.rho, args.warmup)
+      if args.rho_warmup and args.warmup else args.rho, args.steps)
   lr = optax.cosine_decay_schedule(args.lr, total_steps)
   before, dead, norm, dot = _diagnostics(graphdef, loss_fn)
   x, y = jnp.asarray(data['x']), jnp.asarray(y_train)
@@ -153,7 +160,7 @@ def trace_seed(args, seed):
   # the state of rst with reuse (alpha here sets only its structure)
   opt_state = make_tx(schedule, args.rho, 1.0, seed, 1.0).init(params)
   twin = jax.tree.map(jnp.zeros_like, params)  # the reused terms' momentum
-  rho, lam = np.float32(args.rho), np.float32(1.0)
+  lam = np.float32(1.0)
   last_sam, rows = None, []
   for t in range(args.steps):
     idx = order[t]
@@ -167,14 +174,15 @@ def trace_seed(args, seed):
       reused_norm = 0.0
     twin = jax.tree.map(lambda m, r: 0.9 * m + r, twin, reused)
     new, opt_state, loss = train_step(
-        params, opt_state, rho, lam, alphas[t], x, y, idx,
+        params, opt_state, rhos[t], lam, alphas[t], x, y, idx,
         take_sam=take_sam, reusing=True)
     step_lr = float(lr(t))
     update = jax.tree.map(lambda a, b: a - b, new, params)
     momentum = jax.tree.map(lambda d, s=step_lr: -d / s, update)
     mn, tn = float(norm(momentum)), float(norm(twin))
     rows.append({
-        'step': t, 'sam': take_sam, 'alpha': float(alphas[t]), 'lr': step_lr,
+        'step': t, 'sam': take_sam, 'alpha': float(alphas[t]),
+        'rho': float(rhos[t]), 'lr': step_lr,
         'loss': float(loss), 'loss_fixed': float(loss_fixed),
         'g_norm': float(gn), 'reused_norm': float(reused_norm),
         'update_norm': float(norm(update)), 'momentum_norm': mn,
@@ -190,6 +198,7 @@ def trace_seed(args, seed):
     params = new
   return {'seed': seed, 'noise': args.noise, 'rho': args.rho,
           'alpha': args.alpha, 'k': args.k, 'warmup': args.warmup,
+          'rho_warmup': bool(args.rho_warmup and args.warmup),
           'tag': args.tag, 'lr': args.lr, 'steps_per_epoch': steps_per_epoch,
           'total_steps': total_steps, 'rows': rows}
 
@@ -199,7 +208,7 @@ def plot(traces, path):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(5, len(traces), figsize=(4.2 * len(traces), 13),
+  fig, axes = plt.subplots(5, len(traces), figsize=(3.3 * len(traces), 13),
                            squeeze=False, sharex='col')
   for col, tr in enumerate(traces):
     rows = tr['rows']

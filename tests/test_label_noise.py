@@ -369,10 +369,13 @@ def test_quick_run_end_to_end(tmp_path):
 
 def test_a_job_runs_sam_at_its_own_radii_and_the_warm_up_apart(tmp_path):
   args = cli.parse_args([
-      '--quick', '--kinds', 'looksam,looksam_warm1', '--alphas',
+      '--quick', '--kinds',
+      'looksam,looksam_warm1,looksam_warm5,looksam_warm5_rho', '--alphas',
       '0.5', '--sam-rhos', '0.3', '--seed-list', '5,7', '--cache',
       str(tmp_path)])
   assert args.seed_list == (5, 7) and args.sam_rhos == (0.3,)
+  no_sam = cli.parse_args(['--kinds', 'looksam', '--p', '0.2', '--no-sam'])
+  assert [c.kind for c in kinds.make_configs(no_sam)] == ['sgd', 'looksam']
   records, finals, _ = train.run_job(args, 0.2, 5)
   sam = [r for r in records if r['config'] == 'SAM']
   assert [r['rho'] for r in sam] == [0.3]  # not the --rhos 0.05, 0.2
@@ -380,6 +383,12 @@ def test_a_job_runs_sam_at_its_own_radii_and_the_warm_up_apart(tmp_path):
   plain = finals[('LookSAM (every k + reuse) p=0.5', 0.2, 0.5)]
   warm = finals[('LookSAM, alpha warm-up 1 epoch p=0.5', 0.2, 0.5)]
   assert any(not np.array_equal(a, b) for a, b in zip(plain, warm,
+                                                       strict=True))
+  # the quick run is shorter than 5 epochs: both warm up all along, and
+  # differ by the radius alone
+  alpha_only = finals[('LookSAM, alpha warm-up 5 epochs p=0.5', 0.2, 0.5)]
+  both = finals[('LookSAM, alpha and rho warm-up 5 epochs p=0.5', 0.2, 0.5)]
+  assert any(not np.array_equal(a, b) for a, b in zip(alpha_only, both,
                                                        strict=True))
 
 

@@ -56,6 +56,9 @@ def parse_args(argv=None):
                       help='run SGD and SAM (--no-baselines: a part whose '
                       'runs are pooled with --from-json with one that has '
                       'them)')
+  parser.add_argument('--sam', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='with --baselines, run SAM (--no-sam: SGD alone)')
   parser.add_argument('--sam-rhos', type=floats, default=None,
                       help='radii of the baseline SAM (default: --rhos)')
   parser.add_argument('--seed-list', type=lambda t: tuple(

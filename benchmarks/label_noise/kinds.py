@@ -111,9 +111,12 @@ class Config(NamedTuple):
 
 
 def make_configs(args) -> list[Config]:
-  """SGD and SAM (with ``--baselines``), then every kind at every budget."""
+  """SGD and SAM (with ``--baselines``; SGD alone with ``--no-sam``), then
+  every kind at every budget."""
   out = [Config('SGD', 'sgd', 0.0, 0.0, None),
          Config('SAM', 'sam', 1.0, 1.0, None)] if args.baselines else []
+  if not getattr(args, 'sam', True):
+    out = [c for c in out if c.kind != 'sam']
   for p in args.p:
     k = round(1.0 / p)
     for name in args.kinds:

@@ -669,5 +669,11 @@ def test_collapse_criterion_and_exact_upper_bound(tmp_path):
   assert look['upper95'] == pytest.approx(collapse.upper_bound(1, 3))
   assert look['diff_sam'] == pytest.approx((-60 + 4 + 8) / 3)
   assert rows['SAM']['collapses'] == 0 and rows['SGD']['seeds'] == 3
+  assert look['diff_sam_ok'] == look['diff_sam'] and look['sam_ok_seeds'] == 3
+  runs[1]['test_acc'] = 0.4  # SAM below SGD on seed 0: left out there
+  rows = {r['config']: r for r in collapse.summarize_cell(runs)}
+  assert rows['SAM']['collapsed_seeds'] == [0]
+  assert rows['LookSAM α=0.5']['sam_ok_seeds'] == 2
+  assert rows['LookSAM α=0.5']['diff_sam_ok'] == pytest.approx((4 + 8) / 2)
   assert '| 40% | LookSAM α=0.5 | 0.3 | 3 | 1 (0) |' in collapse.format_tables(
       collapse.load_parts(str(tmp_path)))

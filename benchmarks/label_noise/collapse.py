@@ -83,6 +83,8 @@ def summarize_cell(records):
   accuracy and paired difference to SAM."""
   sgd = {r['seed']: r['test_acc'] for r in records if r['kind'] == 'sgd'}
   sam = {r['seed']: r['test_acc'] for r in records if r['kind'] == 'sam'}
+  sam_ok = {r['seed'] for r in records if r['kind'] == 'sam'
+            and not collapsed(r, sgd.get(r['seed'], -np.inf))}
   rows = {}
   for r in records:
     name = r['config'] if r['kind'] in ('sgd', 'sam') else (
@@ -97,6 +99,8 @@ def summarize_cell(records):
                     for r in runs]) * 100
     paired = np.array([(r['test_acc'] - sam[r['seed']]) * 100 for r in runs
                        if r['seed'] in sam and np.isfinite(r['test_acc'])])
+    kept = np.array([(r['test_acc'] - sam[r['seed']]) * 100 for r in runs
+                     if r['seed'] in sam_ok and np.isfinite(r['test_acc'])])
     n = len(runs)
     out.append({
         'config': name, 'rho': rho, 'seeds': n,
@@ -108,8 +112,12 @@ def summarize_cell(records):
         'diff_sam': float(paired.mean()) if len(paired) else float('nan'),
         'diff_sam_sem': float(paired.std(ddof=1) / math.sqrt(len(paired)))
                         if len(paired) > 1 else float('nan'),
+        'diff_sam_ok': float(kept.mean()) if len(kept) else float('nan'),
+        'diff_sam_ok_sem': float(kept.std(ddof=1) / math.sqrt(len(kept)))
+                           if len(kept) > 1 else float('nan'),
+        'sam_ok_seeds': len(kept),
         'passes': runs[0].get('passes'), 'files': sorted({
-            r['file'] for r in runs}),
+            r.get('file', '') for r in runs}),
         'sgd_compared': sum(r['seed'] in sgd for r in runs)})
   order = {'SGD': 0, 'SAM': 1}
   return sorted(out, key=lambda row: (order.get(row['config'], 2),
@@ -123,8 +131,9 @@ def format_tables(cells):
     lines += [f'### {RECIPES.get(recipe, f"recipe {recipe}")}', '',
               '| noise | configuration | ρ | seeds | collapses (seeds) | rate '
               '| 95% upper bound | test acc. % ± s.e. | paired diff. to SAM '
-              '± s.e. | SAM-level (≥ −1 s.e.) |',
-              '|---|---|---|---|---|---|---|---|---|---|']
+              '± s.e. | SAM-level (≥ −1 s.e.) | the same, on the seeds where '
+              'SAM did not collapse (seeds) |',
+              '|---|---|---|---|---|---|---|---|---|---|---|']
     for noise in sorted(n for r, n in cells if r == recipe):
       for row in summarize_cell(cells[(recipe, noise)]):
         diff, sem = row['diff_sam'], row['diff_sam_sem']
@@ -132,13 +141,19 @@ def format_tables(cells):
             sem) else ('yes' if diff >= -sem else '**no**'))
         seeds = (f" ({', '.join(map(str, row['collapsed_seeds']))})"
                  if row['collapses'] else '')
+        ok, ok_sem = row['diff_sam_ok'], row['diff_sam_ok_sem']
+        level_ok = ('–' if row['config'] in ('SAM', 'SGD') or not np.isfinite(
+            ok_sem) else ('yes' if ok >= -ok_sem else '**no**'))
         lines.append(
             f"| {noise:.0%} | {row['config']} | {row['rho']:g} | "
             f"{row['seeds']} | {row['collapses']}{seeds} | "
             f"{row['rate']:.1%} | {row['upper95']:.1%} | "
             f"{row['test_mean']:.2f} ± {row['test_sem']:.2f} | "
-            + ('–' if row['config'] == 'SAM' else
-               f'{diff:+.2f} ± {sem:.2f}') + f' | {level} |')
+            + ('–' if row['config'] == 'SAM' or not np.isfinite(diff) else
+               f'{diff:+.2f} ± {sem:.2f}') + f' | {level} | '
+            + ('–' if row['config'] in ('SAM', 'SGD') or not np.isfinite(ok)
+               else f"{ok:+.2f} ± {ok_sem:.2f}, {level_ok} "
+               f"({row['sam_ok_seeds']})") + ' |')
     lines.append('')
   return '\n'.join(lines)
 

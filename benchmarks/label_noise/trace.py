@@ -253,7 +253,7 @@ def plot(traces, path):
     ax.set_xlabel('step')
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=80)
   plt.close(fig)
 
 
@@ -281,7 +281,7 @@ def main(argv=None):
           f'{tr["rows"][-1]["loss_fixed"]:.3f}', flush=True)
   result['machine'] = demo.machine()
   with open(path, 'w') as f:
-    json.dump(result, f, indent=1)
+    json.dump(result, f, separators=(',', ':'))
   plot(result['traces'], os.path.join(args.out, f'{args.name}.png'))
   return result
 

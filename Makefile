@@ -76,8 +76,8 @@ label-noise-report: $(STAMP)
 # (collapse_r*_base07.json, copied from label_noise_20_p050 and
 # label_noise_recipe2_{20,40}: SGD and SAM rerun bit for bit). Recipe 3 at
 # 40% also has the other remedies (alpha warm-up alone, no reuse for 5
-# epochs, alpha 0.25); recipe 3 at 20% has SGD but no SAM (--no-sam: cut for
-# time). Then the traces of the first steps and the report.
+# epochs, alpha 0.25). Recipe 3 at 20% ran its SAM (and SGD again) as a
+# separate part. Then the traces of the first steps and the report.
 LN_COLLAPSE := nice -n 10 $(BIN)/python -m benchmarks.label_noise --seeds 24 --p 0.2 --alphas 0.5 --rhos 0.3 --flat-top 0 --no-flatness --workers 1
 LN_R2 := --val-size 600 --epochs 115
 S07 := --seed-list 0,1,2,3,4,5,6,7
@@ -96,6 +96,7 @@ bench-collapse: $(STAMP)
 	$(LN_COLLAPSE) --lr 0.2 --noise 0.4 --kinds looksam_warm5_rho,looksam_delay5 --no-baselines --name collapse_r3_40_try
 	$(LN_COLLAPSE) --lr 0.2 --noise 0.4 --kinds looksam --alphas 0.25 --no-baselines --name collapse_r3_40_a025
 	$(LN_COLLAPSE) --lr 0.2 --noise 0.2 $(LN_BOTH) --no-sam --name collapse_r3_20
+	$(LN_COLLAPSE) --lr 0.2 --noise 0.2 --kinds '' --sam-rhos 0.4 --name collapse_r3_20_sam
 	$(MAKE) collapse-trace collapse-report
 
 # The traces of the first steps at 40% noise (collapse_trace.json / .png):

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-step-cost bench-label-noise label-noise-report bench-transformer transformer-report clean docs wheel-check test-min test-py313 typecheck
+.PHONY: demo test lint bench-step-cost bench-label-noise label-noise-report bench-transformer transformer-report clean docs wheel-check test-min test-py313 bench-collapse collapse-trace collapse-report typecheck
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -108,6 +108,57 @@ transformer-report: $(STAMP)
 	$(TRANSFORMER) --name transformer_clean_p050 --from-json $(LN_RESULTS)/transformer_clean_p050.json
 	$(LABEL_NOISE) --name frontier_cnn --from-json $(subst $(eval) ,$(comma),$(foreach p,$(FRONTIER_CNN),$(LN_RESULTS)/$(p).json))
 	$(BIN)/python -m benchmarks.label_noise.budget --from-json $(subst $(eval) ,$(comma),$(foreach p,$(BUDGET_CNN),$(LN_RESULTS)/$(p).json))
+
+# LookSAM's collapse rates (issue 24; benchmarks/results/collapse.md): 24
+# seeds per cell, recipes 1-3 (2: --val-size 600 --epochs 115; 3: --lr 0.2)
+# at 20% and 40% noise: the current LookSAM (periodic(5), reuse 0.5, rho 0.3)
+# and the new one (alpha and rho warmed up linearly from 0 over 5 epochs,
+# looksam_warm5_rho), with SGD (the collapse criterion) and SAM at its radius
+# chosen on validation (0.4 at 20%, 0.3 at 40%). SGD and SAM of seeds 0-7 of
+# recipe 1 at 20% and of recipe 2 are the label-noise parts' own runs
+# (collapse_r*_base07.json, copied from label_noise_20_p050 and
+# label_noise_recipe2_{20,40}: SGD and SAM rerun bit for bit). Recipe 3 at
+# 40% also has the other remedies (alpha warm-up alone, no reuse for 5
+# epochs, alpha 0.25). Recipe 3 at 20% ran its SAM (and SGD again) as a
+# separate part. Then the traces of the first steps and the report.
+LN_COLLAPSE := nice -n 10 $(BIN)/python -m benchmarks.label_noise --seeds 24 --p 0.2 --alphas 0.5 --rhos 0.3 --flat-top 0 --no-flatness --workers 1
+LN_R2 := --val-size 600 --epochs 115
+S07 := --seed-list 0,1,2,3,4,5,6,7
+S823 := --seed-list 8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23
+LN_BOTH := --kinds looksam,looksam_warm5_rho
+bench-collapse: $(STAMP)
+	$(LN_COLLAPSE) --noise 0.4 --kinds looksam --name collapse_r1_40_cur
+	$(LN_COLLAPSE) --noise 0.4 --kinds looksam_warm5_rho --no-baselines --name collapse_r1_40_new
+	$(LN_COLLAPSE) --noise 0.2 $(LN_BOTH) --sam-rhos 0.4 $(S823) --name collapse_r1_20_s823
+	$(LN_COLLAPSE) --noise 0.2 $(LN_BOTH) --no-baselines $(S07) --name collapse_r1_20_s07
+	$(LN_COLLAPSE) $(LN_R2) --noise 0.4 $(LN_BOTH) $(S823) --name collapse_r2_40_s823
+	$(LN_COLLAPSE) $(LN_R2) --noise 0.4 $(LN_BOTH) --no-baselines $(S07) --name collapse_r2_40_s07
+	$(LN_COLLAPSE) $(LN_R2) --noise 0.2 $(LN_BOTH) --sam-rhos 0.4 $(S823) --name collapse_r2_20_s823
+	$(LN_COLLAPSE) $(LN_R2) --noise 0.2 $(LN_BOTH) --no-baselines $(S07) --name collapse_r2_20_s07
+	$(LN_COLLAPSE) --lr 0.2 --noise 0.4 --kinds looksam,looksam_warm5 --name collapse_r3_40
+	$(LN_COLLAPSE) --lr 0.2 --noise 0.4 --kinds looksam_warm5_rho,looksam_delay5 --no-baselines --name collapse_r3_40_try
+	$(LN_COLLAPSE) --lr 0.2 --noise 0.4 --kinds looksam --alphas 0.25 --no-baselines --name collapse_r3_40_a025
+	$(LN_COLLAPSE) --lr 0.2 --noise 0.2 $(LN_BOTH) --no-sam --name collapse_r3_20
+	$(LN_COLLAPSE) --lr 0.2 --noise 0.2 --kinds '' --sam-rhos 0.4 --name collapse_r3_20_sam
+	$(MAKE) collapse-trace collapse-report
+
+# The traces of the first steps at 40% noise (collapse_trace.json / .png):
+# collapsing seeds 0, 1 and 7 and the healthy seed 2 of recipe 3, and
+# controls (no reuse, lr 0.1, the warm-ups, SAM).
+LN_TRACE := nice -n 10 $(BIN)/python -m benchmarks.label_noise.trace --noise 0.4
+collapse-trace: $(STAMP)
+	rm -f $(LN_RESULTS)/collapse_trace.json
+	$(LN_TRACE) --steps 200 --lr 0.2 --seed 1,2,0 --tag "α=0.5, lr 0.2"
+	$(LN_TRACE) --steps 200 --lr 0.2 --seed 1 --warmup 135 --tag "α warm-up 135 steps, lr 0.2"
+	$(LN_TRACE) --steps 200 --lr 0.2 --seed 1 --alpha 0 --tag "no reuse (α=0), lr 0.2"
+	$(LN_TRACE) --steps 200 --lr 0.1 --seed 1 --tag "α=0.5, lr 0.1"
+	$(LN_TRACE) --steps 300 --lr 0.2 --seed 1,7 --warmup 135 --rho-warmup --tag "α and ρ warm-up 135 steps, lr 0.2"
+	$(LN_TRACE) --steps 300 --lr 0.2 --seed 7 --warmup 135 --tag "α warm-up 135 steps, lr 0.2"
+	$(LN_TRACE) --steps 200 --lr 0.2 --seed 7 --k 1 --alpha 0 --tag "SAM (k=1, no reuse), lr 0.2"
+
+# The collapse report alone, from the parts' JSON files (seconds).
+collapse-report: $(STAMP)
+	$(BIN)/python -m benchmarks.label_noise.collapse
 
 # The documentation site, offline, with warnings as errors; open
 # docs/_build/html/index.html afterwards.

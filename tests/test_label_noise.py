@@ -39,7 +39,8 @@ def test_configurations_scale_rho_and_lam_as_named():
   by = configs()
   # the default kinds: all but the three with reuse, at each of the two p
   assert set(kinds.KINDS) - set(kinds.DEFAULT_KINDS) == {
-      'reuse', 'reuse_fresh', 'looksam'}
+      'reuse', 'reuse_fresh', 'looksam', 'looksam_warm1', 'looksam_warm5',
+      'looksam_delay5', 'looksam_warm5_rho'}
   assert len(by) == 2 + 2 * len(kinds.DEFAULT_KINDS)
   for p, k in ((0.5, 2), (0.25, 4)):
     get = lambda kind, p=p: next(c for c in by.values()
@@ -114,6 +115,96 @@ def test_the_reuse_kinds_are_named_and_scheduled():
     assert kinds.spec(config.kind).reuse
     assert config.rho_scale == 1.0 and kinds.lam_of(config, 0.2, 400) == 1.0
     assert kinds.grid_of(config, (0.3,), alphas=(0.5,)) == [(0.3, 0.5)]
+
+
+def test_reuse_schedules_of_the_warm_up_and_delay_kinds():
+  import jax
+  import jax.numpy as jnp
+  import optax
+  reuse, steps = kinds.reuse_schedule('looksam_warm5', 0.5, 35)
+  assert steps == 175
+  alphas = kinds.alpha_steps(reuse, 400)
+  want = optax.linear_schedule(0.0, 0.5, 175)
+  assert alphas.dtype == np.float32 and alphas[0] == 0.0
+  at = jax.jit(want)
+  np.testing.assert_array_equal(alphas, np.float32(
+      [at(jnp.int32(t)) for t in range(400)]))
+  np.testing.assert_allclose(alphas, [want(t) for t in range(400)],
+                             rtol=1e-6)
+  assert alphas[175:].tolist() == [0.5] * 225 and (np.diff(alphas) >= 0).all()
+  reuse, steps = kinds.reuse_schedule('looksam_delay5', 0.5, 35)
+  alphas = kinds.alpha_steps(reuse, 400)
+  assert steps == 175 and alphas.tolist() == [0.0] * 175 + [0.5] * 225
+  assert kinds.reuse_schedule('looksam', 0.5, 35) == (0.5, 0)
+  assert kinds.rho_schedule('looksam_warm5', 0.3, 35) == (0.3, 0)
+  rho, steps = kinds.rho_schedule('looksam_warm5_rho', 0.3, 35)
+  alpha, _ = kinds.reuse_schedule('looksam_warm5_rho', 0.5, 35)
+  assert steps == 175
+  np.testing.assert_array_equal(
+      kinds.alpha_steps(rho, 400),
+      np.float32([jax.jit(optax.linear_schedule(0.0, 0.3, 175))(
+          jnp.int32(t)) for t in range(400)]))
+  assert kinds.alpha_steps(rho, 400)[175:].tolist() == [np.float32(0.3)] * 225
+  assert kinds.alpha_steps(alpha, 400).tolist() == kinds.alpha_steps(
+      kinds.reuse_schedule('looksam_warm5', 0.5, 35)[0], 400).tolist()
+  assert kinds.alpha_steps(0.5, 3).tolist() == [0.5] * 3
+
+
+def test_host_alphas_give_the_updates_of_rst_with_the_reuse_schedule():
+  """``alpha_steps`` holds the very values ``rst(..., reuse=schedule)`` uses:
+  ``rst`` reading them from a table updates bit for bit as with the schedule;
+  the benchmark's train step, fed them per step from the host, updates as
+  ``rst`` with the schedule up to rounding (a traced alpha against one folded
+  into the program: a constant alpha differs as much)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from examples import mnist1d_demo as demo
+  total, batch, lr = 30, 8, 0.1
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(32, 40)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 10, 32).astype(np.int32))
+  graphdef, params0 = nnx.split(demo.CNN(3, 40, nnx.Rngs(0)), nnx.Param)
+  make_tx, train_step, _, loss_fn = train.build_trainer(graphdef, total, lr)
+  reuse, _ = kinds.reuse_schedule('looksam_warm1', 0.5, 12)
+  alphas = kinds.alpha_steps(reuse, total)
+  assert 0 < alphas[5] < 0.5  # the warm-up is under way at the first reuse
+  schedule = rst_optax.schedules.periodic(5)
+  plan = rst_optax.decisions(schedule, 0, 0, total)
+  base = optax.sgd(optax.cosine_decay_schedule(lr, total), momentum=0.9)
+
+  def run_library(reuse):
+    tx = rst_optax.rst(base, schedule, rho=0.3, reuse=reuse)
+
+    @jax.jit
+    def step(params, state, idx):
+      xb, yb = x[idx], y[idx]
+      grads = jax.grad(loss_fn)(params, xb, yb)
+      updates, state = tx.update(
+          grads, state, params, grad_fn=lambda w: jax.grad(loss_fn)(w, xb, yb))
+      return optax.apply_updates(params, updates), state
+
+    params, state = params0, tx.init(params0)
+    for t in range(total):
+      params, state = step(params, state, np.arange(t, t + batch) % 32)
+    assert int(state.sam_steps) == int(plan.sum()) == 6
+    return jax.tree.leaves(params)
+
+  lib = run_library(reuse)
+  table = jnp.asarray(alphas)
+  for a, b in zip(lib, run_library(lambda count: table[count]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  plain = run_library(0.0)
+  host, state = params0, make_tx(schedule, 0.3, 1.0, 0, 0.5).init(params0)
+  for t in range(total):
+    host, state, _ = train_step(
+        host, state, np.float32(0.3), np.float32(1.0), alphas[t], x, y,
+        np.arange(t, t + batch) % 32, take_sam=bool(plan[t]), reusing=True)
+  for a, b, c in zip(jax.tree.leaves(host), lib, plain, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.abs(b - c).max() > 1e3 * np.abs(a - b).max()  # reuse shows
 
 
 def test_every_k_needs_p_of_one_over_k():
@@ -274,6 +365,31 @@ def test_quick_run_end_to_end(tmp_path):
   for png in ('label_noise_quick.png', 'label_noise_quick_flatness.png'):
     assert (out / png).read_bytes()[:4] == b'\x89PNG'
   assert not (out / 'label_noise_quick.partial.json').exists()
+
+
+def test_a_job_runs_sam_at_its_own_radii_and_the_warm_up_apart(tmp_path):
+  args = cli.parse_args([
+      '--quick', '--kinds',
+      'looksam,looksam_warm1,looksam_warm5,looksam_warm5_rho', '--alphas',
+      '0.5', '--sam-rhos', '0.3', '--seed-list', '5,7', '--cache',
+      str(tmp_path)])
+  assert args.seed_list == (5, 7) and args.sam_rhos == (0.3,)
+  no_sam = cli.parse_args(['--kinds', 'looksam', '--p', '0.2', '--no-sam'])
+  assert [c.kind for c in kinds.make_configs(no_sam)] == ['sgd', 'looksam']
+  records, finals, _ = train.run_job(args, 0.2, 5)
+  sam = [r for r in records if r['config'] == 'SAM']
+  assert [r['rho'] for r in sam] == [0.3]  # not the --rhos 0.05, 0.2
+  assert {r['rho'] for r in records if r['kind'] == 'looksam'} == {0.05, 0.2}
+  plain = finals[('LookSAM (every k + reuse) p=0.5', 0.2, 0.5)]
+  warm = finals[('LookSAM, alpha warm-up 1 epoch p=0.5', 0.2, 0.5)]
+  assert any(not np.array_equal(a, b) for a, b in zip(plain, warm,
+                                                       strict=True))
+  # the quick run is shorter than 5 epochs: both warm up all along, and
+  # differ by the radius alone
+  alpha_only = finals[('LookSAM, alpha warm-up 5 epochs p=0.5', 0.2, 0.5)]
+  both = finals[('LookSAM, alpha and rho warm-up 5 epochs p=0.5', 0.2, 0.5)]
+  assert any(not np.array_equal(a, b) for a, b in zip(alpha_only, both,
+                                                       strict=True))
 
 
 def test_saved_results_with_other_radii_are_pooled_and_chosen_again(tmp_path):
@@ -686,3 +802,51 @@ def test_the_reuse_share_probe_sees_sgd_follow_the_direction_and_adam_turn_it():
   (adam,) = reuse_share.probe('cnn', 'adamw', (0.5,), 3, 1, 0.1, 0, data)
   assert sgd['cos_with_direction'] == pytest.approx(1.0, abs=1e-4)
   assert adam['cos_with_direction'] < 0.99 and sgd['share'] > 0
+
+
+def test_collapse_criterion_and_exact_upper_bound(tmp_path):
+  import scipy.stats
+
+  from benchmarks.label_noise import collapse
+  assert collapse.upper_bound(0, 24) == pytest.approx(1 - 0.05 ** (1 / 24))
+  assert collapse.upper_bound(0, 24) == pytest.approx(0.1173, abs=1e-4)
+  for k in (1, 5):  # at the bound, k or fewer events have probability 5%
+    bound = collapse.upper_bound(k, 24)
+    assert scipy.stats.binom.cdf(k, 24, bound) == pytest.approx(0.05)
+  assert collapse.upper_bound(3, 3) == 1.0
+  base = {'kind': 'looksam', 'status': 'ok', 'test_acc': 0.7,
+          'train_noisy_loss': 1.3}
+  assert not collapse.collapsed(base, 0.5)
+  assert collapse.collapsed(base | {'test_acc': 0.49}, 0.5)  # below SGD
+  assert collapse.collapsed(base | {'train_noisy_loss': math.log(10) + 0.009},
+                            0.0)
+  assert not collapse.collapsed(base | {'train_noisy_loss': 2.29}, 0.0)
+  assert collapse.collapsed(base | {'status': 'nan',
+                                    'train_noisy_loss': float('nan')}, 0.0)
+  sgd = base | {'kind': 'sgd'}
+  assert not collapse.collapsed(sgd, 0.5)  # SGD is not compared to itself
+  runs = []
+  for seed in range(3):
+    runs += [base | {'kind': 'sgd', 'config': 'SGD', 'rho': 0.0, 'seed': seed,
+                     'test_acc': 0.5},
+             base | {'kind': 'sam', 'config': 'SAM', 'rho': 0.3, 'seed': seed,
+                     'test_acc': 0.7 + 0.01 * seed},
+             base | {'config': 'LookSAM', 'rho': 0.3, 'alpha': 0.5,
+                     'seed': seed, 'test_acc': (0.1, 0.75, 0.8)[seed],
+                     'train_noisy_loss': (math.log(10), 1.2, 1.2)[seed]}]
+  (tmp_path / 'collapse_r3_40_x.json').write_text(json.dumps({'runs': runs}))
+  rows = {r['config']: r for r in collapse.summarize_cell(
+      collapse.load_parts(str(tmp_path))[(3, 0.4)])}
+  look = rows['LookSAM α=0.5']
+  assert look['collapses'] == 1 and look['collapsed_seeds'] == [0]
+  assert look['upper95'] == pytest.approx(collapse.upper_bound(1, 3))
+  assert look['diff_sam'] == pytest.approx((-60 + 4 + 8) / 3)
+  assert rows['SAM']['collapses'] == 0 and rows['SGD']['seeds'] == 3
+  assert look['diff_sam_ok'] == look['diff_sam'] and look['sam_ok_seeds'] == 3
+  runs[1]['test_acc'] = 0.4  # SAM below SGD on seed 0: left out there
+  rows = {r['config']: r for r in collapse.summarize_cell(runs)}
+  assert rows['SAM']['collapsed_seeds'] == [0]
+  assert rows['LookSAM α=0.5']['sam_ok_seeds'] == 2
+  assert rows['LookSAM α=0.5']['diff_sam_ok'] == pytest.approx((4 + 8) / 2)
+  assert '| 40% | LookSAM α=0.5 | 0.3 | 3 | 1 (0) |' in collapse.format_tables(
+      collapse.load_parts(str(tmp_path)))

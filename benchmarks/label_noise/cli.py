@@ -56,6 +56,14 @@ def parse_args(argv=None):
                       help='run SGD and SAM (--no-baselines: a part whose '
                       'runs are pooled with --from-json with one that has '
                       'them)')
+  parser.add_argument('--sam', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='with --baselines, run SAM (--no-sam: SGD alone)')
+  parser.add_argument('--sam-rhos', type=floats, default=None,
+                      help='radii of the baseline SAM (default: --rhos)')
+  parser.add_argument('--seed-list', type=lambda t: tuple(
+      int(v) for v in t.split(',') if v.strip()), default=None,
+                      help='run these seeds instead of 0 .. --seeds - 1')
   from examples import mnist1d_demo
   mnist1d_demo.add_recipe_arguments(parser)
   parser.add_argument('--model', choices=('cnn', 'transformer'), default='cnn',
@@ -75,7 +83,7 @@ def parse_args(argv=None):
                       default=True,
                       help='measure flatness at the end (--no-flatness: '
                       'skip it, e.g. for the transformer, where it costs '
-                      'more than the runs of a part)')
+                      'more than the runs of a part; SGD and SAM included)')
   for flag, default, what in (
       ('--flat-top', 3, 'RST-family configurations measured for flatness'),
       ('--flat-n', 1000, 'training samples in the flatness loss'),
@@ -162,7 +170,8 @@ def run_jobs(args, out_partial):
 
   The records so far are written to ``out_partial`` after every job.
   """
-  jobs = [(noise, seed) for seed in range(args.seeds) for noise in args.noise]
+  seeds = getattr(args, 'seed_list', None) or range(args.seeds)
+  jobs = [(noise, seed) for seed in seeds for noise in args.noise]
   print(f'{len(jobs)} jobs (noise x seed), {len(kinds.make_configs(args))} '
         f'configurations x {len(args.rhos)} radii each; {args.workers} '
         f'worker(s); load {os.getloadavg()[0]:.2f}', flush=True)

@@ -33,6 +33,16 @@ The kinds:
   kinds at p (the fixed-budget baseline);
 - ``base_long``: the base optimizer (SGD or AdamW) for 1 + p times the
   steps, its schedule stretched: the same gradient evaluations again.
+- ``looksam_warm1``, ``looksam_warm5``: LookSAM whose alpha rises linearly
+  from 0 over the first 1 (5) epochs' steps,
+  ``reuse=optax.linear_schedule(0.0, alpha, k)`` (``reuse_schedule``; the
+  per-step alpha passed from the host is that schedule's value at each step,
+  ``alpha_steps``);
+- ``looksam_delay5``: LookSAM with no reuse in the first 5 epochs' steps,
+  then alpha;
+- ``looksam_warm5_rho``: LookSAM whose alpha and rho both rise linearly from
+  0 over the first 5 epochs' steps (``rho=optax.linear_schedule(0.0, rho,
+  k)`` too, ``rho_schedule``).
 
 The kinds with reuse run at every alpha of ``--alphas`` and are not run by
 default (``DEFAULT_KINDS``).
@@ -55,6 +65,9 @@ class Kind(NamedTuple):
   fresh: bool = False  # reuse only up to k = 1 / p steps after a SAM step
   steps: str = '1'  # run length over the recipe's: '1', '(1+p)/2' or '1+p'
   marker: str = 'o'  # in the plots
+  warmup: float = 0.0  # epochs over which alpha rises linearly from 0
+  delay: float = 0.0  # epochs without reuse at the start
+  rho_warmup: bool = False  # rho rises linearly from 0 over the warm-up too
 
 
 BASELINES = {
@@ -79,6 +92,15 @@ KINDS = {
                     marker='h'),
     'sam_short': Kind('SAM short', 'always', steps='(1+p)/2', marker='*'),
     'base_long': Kind('base long', 'never', steps='1+p', marker='.'),
+    'looksam_warm1': Kind('LookSAM, alpha warm-up 1 epoch', 'periodic',
+                          reuse=True, marker='H', warmup=1.0),
+    'looksam_warm5': Kind('LookSAM, alpha warm-up 5 epochs', 'periodic',
+                          reuse=True, marker='H', warmup=5.0),
+    'looksam_delay5': Kind('LookSAM, no reuse for 5 epochs', 'periodic',
+                           reuse=True, marker='8', delay=5.0),
+    'looksam_warm5_rho': Kind('LookSAM, alpha and rho warm-up 5 epochs',
+                              'periodic', reuse=True, marker='p', warmup=5.0,
+                              rho_warmup=True),
 }
 DEFAULT_KINDS = tuple(name for name, kind in KINDS.items() if not kind.reuse)
 
@@ -99,9 +121,12 @@ class Config(NamedTuple):
 
 
 def make_configs(args) -> list[Config]:
-  """SGD and SAM (with ``--baselines``), then every kind at every budget."""
+  """SGD and SAM (with ``--baselines``; SGD alone with ``--no-sam``), then
+  every kind at every budget."""
   out = [Config('SGD', 'sgd', 0.0, 0.0, None),
          Config('SAM', 'sam', 1.0, 1.0, None)] if args.baselines else []
+  if not getattr(args, 'sam', True):
+    out = [c for c in out if c.kind != 'sam']
   for p in args.p:
     k = round(1.0 / p)
     for name in args.kinds:
@@ -189,3 +214,59 @@ def longest_gap(plan) -> int:
     return 0
   gaps = np.diff(np.append(idx, len(plan))) - 1
   return int(gaps.max())
+
+
+def reuse_schedule(kind: str, alpha: float, steps_per_epoch: int):
+  """The ``reuse`` of ``kind`` at strength ``alpha``: the float ``alpha``, or
+  the optax schedule of its warm-up or delay, with its length in steps.
+
+  Returns ``(reuse, steps)``: ``steps`` is 0 for a constant ``alpha``. The
+  warm-up is ``optax.linear_schedule(0.0, alpha, steps)``, the delay
+  ``optax.join_schedules`` of 0 for ``steps`` steps and then ``alpha``, as a
+  user would pass them to ``rst(..., reuse=...)``.
+  """
+  import optax
+  entry = spec(kind)
+  if entry.warmup and entry.delay:
+    raise ValueError(f'kind {kind!r}: a warm-up or a delay, not both.')
+  if entry.warmup:
+    steps = max(1, round(entry.warmup * steps_per_epoch))
+    return optax.linear_schedule(0.0, alpha, steps), steps
+  if entry.delay:
+    steps = max(1, round(entry.delay * steps_per_epoch))
+    return optax.join_schedules([optax.constant_schedule(0.0),
+                                 optax.constant_schedule(alpha)], [steps]), steps
+  return alpha, 0
+
+
+def rho_schedule(kind: str, rho: float, steps_per_epoch: int):
+  """The ``rho`` of ``kind``: the float ``rho``, or, for a kind with
+  ``rho_warmup``, ``optax.linear_schedule(0.0, rho, steps)`` over its
+  warm-up; with the length in steps (0 for a constant)."""
+  import optax
+  entry = spec(kind)
+  if not entry.rho_warmup:
+    return rho, 0
+  steps = max(1, round(entry.warmup * steps_per_epoch))
+  return optax.linear_schedule(0.0, rho, steps), steps
+
+
+def alpha_steps(reuse, total_steps: int):
+  """The alpha of every step 0 .. ``total_steps`` - 1, float32, as ``rst``
+  evaluates ``reuse`` at its step count (a float: that float everywhere).
+
+  The host passes these to the jitted step, which gives ``rst`` the step's
+  value as a constant ``reuse``: the same alpha as ``rst(..., reuse=reuse)``
+  computes at each step (tests/test_label_noise.py checks the updates
+  bit for bit).
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  if not callable(reuse):
+    return np.full(total_steps, reuse, np.float32)
+  # One jitted call per step on an int32 scalar count, as rst evaluates it
+  # (a vectorized evaluation may differ in the last bit).
+  at = jax.jit(lambda c: jnp.asarray(reuse(c), jnp.float32))
+  return np.asarray([at(jnp.int32(t)) for t in range(total_steps)],
+                    np.float32)

@@ -144,14 +144,17 @@ def build_trainer(graphdef, total_steps, lr, recipe=('sgd',),
 
 
 def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
-              orders, total_steps, alpha=0.0, fresh=None):
+              orders, total_steps, alpha=0.0, fresh=None, reuse=None,
+              rho_schedule=None):
   """One run; returns its record and final parameters (None if diverged).
 
   ``orders``: the batches of each epoch, at least ``total_steps`` in all;
   the run takes the first ``total_steps``.
   ``alpha``: the reuse strength (0: none). ``fresh``: if given, an int k:
   base steps reuse only while the last SAM step is at most k steps old
-  (``rst(..., reuse_window=k)``).
+  (``rst(..., reuse_window=k)``). ``reuse``: if given, a schedule of
+  alpha (``kinds.reuse_schedule``), whose value at each step is passed;
+  ``rho_schedule`` likewise for rho (``kinds.rho_schedule``).
   """
   import jax
   import jax.numpy as jnp
@@ -162,9 +165,13 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
   tx = make_tx(schedule, rho, lam, seed, alpha, window)
   opt_state = tx.init(params0)
   plan = rst_optax.decisions(schedule, seed, 0, total_steps)
-  alpha_a = np.float32(alpha)
+  alphas = np.full(total_steps, alpha, np.float32)
+  if reuse is not None:
+    alphas = kinds.alpha_steps(reuse, total_steps)
   x, y = jnp.asarray(data['x']), jnp.asarray(y_train)
   rho_a, lam_a = np.float32(rho), np.float32(lam)
+  rho_t = (kinds.alpha_steps(rho_schedule, total_steps)
+           if rho_schedule is not None else None)
   params, t, wall, status, history = params0, 0, 0.0, 'ok', []
   for order in orders:
     if t == total_steps:  # a shorter run than the orders (kinds.steps_of)
@@ -172,7 +179,8 @@ def train_one(trainer, params0, data, y_train, schedule, rho, lam, seed,
     start = time.perf_counter()
     for idx in order[:total_steps - t]:
       params, opt_state, loss = train_step(
-          params, opt_state, rho_a, lam_a, alpha_a, x, y, idx,
+          params, opt_state, rho_a if rho_t is None else rho_t[t], lam_a,
+          alphas[t], x, y, idx,
           take_sam=bool(plan[t]), reusing=bool(alpha), window=window)
       t += 1
     loss = float(loss)  # waits for the epoch
@@ -281,13 +289,22 @@ def run_job(args, noise, seed):
     schedule, key = kinds.schedule_of(config, steps)
     lam = kinds.lam_of(config, schedule, steps)
     fresh = config.k if kinds.spec(config.kind).fresh else None
-    for rho_grid, alpha in kinds.grid_of(config, args.rhos, args.alphas):
+    rhos = args.rhos
+    if config.kind == 'sam' and getattr(args, 'sam_rhos', None):
+      rhos = args.sam_rhos
+    for rho_grid, alpha in kinds.grid_of(config, rhos, args.alphas):
       rho = rho_grid * config.rho_scale
-      run_key = (key, steps, round(rho, 9), round(lam, 9), alpha, fresh)
+      reuse, ramp = kinds.reuse_schedule(config.kind, alpha, steps_per_epoch)
+      rho_ramp, rho_steps = kinds.rho_schedule(config.kind, rho,
+                                               steps_per_epoch)
+      ramp_key = (config.kind, ramp, rho_steps) if ramp or rho_steps else None
+      run_key = (key, steps, round(rho, 9), round(lam, 9), alpha, fresh,
+                 ramp_key)
       if run_key not in done:  # e.g. RST rho/p at one grid point = RST at 2x
         done[run_key] = train_one(
             trainer_of(steps, config), params0, data, y_train,
-            schedule, rho, lam, seed, orders, steps, alpha, fresh)
+            schedule, rho, lam, seed, orders, steps, alpha, fresh,
+            reuse if ramp else None, rho_ramp if rho_steps else None)
       record, final = done[run_key]
       records.append(dict(record) | {
           'config': config.name, 'kind': config.kind, 'p': config.p,

@@ -128,7 +128,7 @@ def format_tables(cells):
   """Markdown: one table per recipe, a block of rows per noise level."""
   lines = []
   for recipe in sorted({r for r, _ in cells}):
-    lines += [f'### {RECIPES.get(recipe, f"recipe {recipe}")}', '',
+    lines += [f'## {RECIPES.get(recipe, f"recipe {recipe}")}', '',
               '| noise | configuration | ρ | seeds | collapses (seeds) | rate '
               '| 95% upper bound | test acc. % ± s.e. | paired diff. to SAM '
               '± s.e. | SAM-level (≥ −1 s.e.) | the same, on the seeds where '

@@ -10,6 +10,7 @@ import inspect
 import math
 import operator
 import sys
+from collections.abc import Callable
 from numbers import Number
 from typing import Any
 
@@ -506,19 +507,29 @@ def grad_fn_arity(fn: str, grad_fn: Any) -> None:
     TypeError: if one positional argument cannot be bound to ``grad_fn``'s
       parameters (it needs more, none, or a keyword-only one).
   """
-  try:
-    signature = inspect.signature(grad_fn)
-  except (TypeError, ValueError):  # a builtin or an extension type: trust it
-    return
-  try:
-    signature.bind(None)
-  except TypeError:
+  signature = _unbindable_by_one_argument(grad_fn)
+  if signature is not None:
     raise TypeError(
         f'{fn}: `grad_fn` must take one positional argument, the parameters '
         '(grad_fn(params) -> grads, on the same batch); its signature is '
         f'{signature}. optax.contrib.sam\'s opaque mode passes a second '
         f'argument; {fn} does not. Close over the batch instead, e.g. '
-        'grad_fn=lambda p: jax.grad(loss_fn)(p, batch).') from None
+        'grad_fn=lambda p: jax.grad(loss_fn)(p, batch).')
+
+
+def _unbindable_by_one_argument(f: Callable) -> inspect.Signature | None:
+  """``f``'s signature if one positional argument cannot be bound to it;
+  None if it can, or if ``f`` has no readable signature (a builtin or an
+  extension type: trusted)."""
+  try:
+    signature = inspect.signature(f)
+  except (TypeError, ValueError):
+    return None
+  try:
+    signature.bind(None)
+  except TypeError:
+    return signature
+  return None
 
 
 def schedule_arity(fn: str, name: str, schedule: Any) -> None:
@@ -530,18 +541,13 @@ def schedule_arity(fn: str, name: str, schedule: Any) -> None:
     TypeError: naming ``fn`` and ``name``, if one positional argument cannot
       be bound to the schedule's parameters.
   """
-  try:
-    signature = inspect.signature(schedule)
-  except (TypeError, ValueError):  # a builtin or an extension type: trust it
-    return
-  try:
-    signature.bind(None)
-  except TypeError:
+  signature = _unbindable_by_one_argument(schedule)
+  if signature is not None:
     raise TypeError(
         f'{fn}: the `{name}` schedule must take one positional argument, the '
         f'step count (schedule(count) -> number, as an optax.Schedule); its '
         f'signature is {signature}. Bind any other argument first, e.g. with '
-        'functools.partial or a lambda count: ....') from None
+        'functools.partial or a lambda count: ....')
 
 
 def step(fn: str, name: str, value: Any, minimum: int = 0) -> int:

@@ -174,8 +174,10 @@ wheel-check: $(STAMP)
 	bash .ci/wheel_check.sh $(BIN)/python
 
 # The lowest declared versions (constraints-min.txt) on the lowest declared
-# Python, 3.11, in .venv-min: the tests and the doctests, -x, on 2 workers (the
-# docs pages are written for the pinned versions; `make test` runs them).
+# Python, 3.11, in .venv-min: the tests and the doctests but the slow ones
+# (multi-process runs, end-to-end benchmark and example scripts; `make test`
+# runs those, and the docs pages, written for the pinned versions), -x, on 2
+# workers.
 VENV_MIN := .venv-min
 $(VENV_MIN)/.installed: pyproject.toml constraints-min.txt
 	$(PYTHON) -m venv $(VENV_MIN)
@@ -184,7 +186,7 @@ $(VENV_MIN)/.installed: pyproject.toml constraints-min.txt
 	touch $@
 
 test-min: $(VENV_MIN)/.installed
-	$(VENV_MIN)/bin/python -m pytest -x -q -p no:cacheprovider -n 2 tests rst_optax
+	$(VENV_MIN)/bin/python -m pytest -x -q -p no:cacheprovider -n 2 -m 'not slow' tests rst_optax
 
 # The newest Python that JAX supports among those installed (3.13, through
 # pyenv), with the pinned versions, in .venv-py313: the tests and doctests but

@@ -18,6 +18,11 @@ import pytest
 import rst_optax
 from benchmarks import accuracy, scaling, step_cost
 
+# End-to-end script runs: `make test` runs them at the pinned versions;
+# the lowest-version and Python 3.13 stages skip them (the library's own
+# tests run there), which keeps CI's three suites within its time.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'
 

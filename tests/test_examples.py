@@ -16,6 +16,7 @@ from rst_optax import schedules
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # end to end; `make test` runs it
 def test_mnist1d_demo_runs_every_method_and_counts_passes(tmp_path, capsys):
   out = tmp_path / 'out'
   result = mnist1d_demo.main([
@@ -60,6 +61,7 @@ def test_mnist1d_demo_schedule_flag_gives_the_family_with_mean_p(family):
                              [want(t) for t in steps])
 
 
+@pytest.mark.slow  # end to end; `make test` runs it
 def test_cifar10_resnet_runs_a_few_steps_on_tiny_data(tmp_path):
   rng = np.random.default_rng(0)
   data = tmp_path / 'tiny.npz'
@@ -113,6 +115,7 @@ def test_toy_2d_without_matplotlib_names_the_extra_and_exits(
   assert capsys.readouterr().out == ''  # it stops before any work
 
 
+@pytest.mark.slow  # end to end; `make test` runs it
 def test_toy_2d_sgd_stays_sharp_while_sam_and_rst_reach_the_flat_minimum(
     tmp_path, capsys):
   out = tmp_path / 'toy_2d.png'

@@ -165,8 +165,13 @@ def test_rho_and_schedule_set_at_run_time_agree_eagerly_and_under_jit(name,
     tx_sam = optax.inject_hyperparams(rst_optax.rst)(
         optax.sgd(LR), schedule=1.0, rho=value)
     d, _ = update(tx_sam, tx_sam.init(params), params, loss_fn, jit=False)
-    chex.assert_trees_all_equal(d, optax.tree.scale(
-        -LR, jax.grad(loss_fn)(params)))
+    # To rounding: at the lowest versions (jax 0.8.2, optax 0.2.5) the eager
+    # step differs from the plain one in the last bit of a few entries; a
+    # rho of -0.1 not taken as 0 would move it by far more.
+    base = optax.sgd(LR)
+    chex.assert_trees_all_close(d, base.update(
+        jax.grad(loss_fn)(params), base.init(params), params)[0],
+        rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize('name, value', [('reuse', -0.5), ('rho', -0.1),

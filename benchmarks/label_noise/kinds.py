@@ -25,7 +25,7 @@ The kinds:
 - ``reuse_fresh``: the same, but a base step reuses only while the last SAM
   step is at most k = 1 / p steps old (the staleness bound,
   ``rst(..., reuse_window=k)``; before that option, alpha was set to 0 on
-  the other steps on the host, with ``fresh_mask``: the same bits);
+  the other steps from the host's plan: the same bits);
 - ``looksam``: a SAM step every k = 1 / p steps, lam = 1, with reuse
   (LookSAM: ``schedules.periodic(k)`` and ``reuse=alpha``);
 - ``sam_short``: SAM for (1 + p) / 2 of the steps, its learning-rate
@@ -190,20 +190,6 @@ def grid_of(config: Config, rhos, alphas=(0.0,)):
     return [(0.0, 0.0)]
   alphas = alphas if spec(config.kind).reuse else (0.0,)
   return [(rho, alpha) for alpha in alphas for rho in rhos]
-
-
-def fresh_mask(plan, bound: int):
-  """Which steps of ``plan`` (a bool array of SAM steps) follow a SAM step by
-  at most ``bound`` steps: where ``reuse_fresh`` reuses the direction (what
-  ``rst(..., reuse_window=bound)`` computes in its graph)."""
-  import numpy as np
-  plan = np.asarray(plan, bool)
-  steps = np.arange(len(plan))
-  last = np.maximum.accumulate(np.where(plan, steps, -1))
-  since = np.empty(len(plan), np.int64)  # steps since the last SAM step before
-  since[0] = -1
-  since[1:] = np.where(last[:-1] >= 0, steps[1:] - last[:-1], -1)
-  return (since > 0) & (since <= bound)
 
 
 def longest_gap(plan) -> int:

@@ -393,12 +393,13 @@ def test_a_job_runs_sam_at_its_own_radii_and_the_warm_up_apart(tmp_path):
 
 
 def test_saved_results_with_other_radii_are_pooled_and_chosen_again(tmp_path):
-  def result(rhos, vals, command):
-    runs = [record('SGD', 0.0, s, 0.6, 0.6, kind='sgd') for s in range(2)]
+  def result(rhos, vals, command, seeds=(0, 1)):
+    runs = [record('SGD', 0.0, s, 0.6, 0.6, kind='sgd') for s in seeds]
     for rho, val in zip(rhos, vals, strict=True):
       runs += [record('SAM', rho, s, val, val, kind='sam', passes=20)
-               for s in range(2)]
-    return {'settings': {'noise': [0.2], 'seeds': 2, 'command': command},
+               for s in seeds]
+    return {'settings': {'noise': [0.2], 'seeds': len(seeds),
+                         'command': command},
             'elapsed_s': 1.0, 'load_average': {'start': [1], 'end': [2]},
             'runs': runs, 'summary': stats.summarize(runs)}
 
@@ -413,11 +414,39 @@ def test_saved_results_with_other_radii_are_pooled_and_chosen_again(tmp_path):
   rows = merged['summary']['0.2']['rows']
   assert rows['SAM']['rho_grid'] == 0.3 and rows['SAM']['test_acc']['mean'] == (
       pytest.approx(0.8))
-  bad = result((0.3,), (0.8,), 'other')
-  bad['settings']['seeds'] = 3
-  paths[1].write_text(json.dumps(bad))
-  with pytest.raises(ValueError, match='seeds'):
+  # A part with other seeds extends the pool when it runs every radius...
+  more = tmp_path / 'more.json'
+  more.write_text(json.dumps(result((0.1, 0.3, 0.4), (0.7, 0.8, 0.75),
+                                    'seeds 2, 3', seeds=(2, 3))))
+  merged = report.merge_results([str(p) for p in paths] + [str(more)])
+  assert merged['settings']['seed_list'] == [0, 1, 2, 3]
+  assert merged['summary']['0.2']['rows']['SAM']['test_acc']['n'] == 4
+  # ... and is refused, naming what is missing, when the pairing would break.
+  more.write_text(json.dumps(result((0.3,), (0.8,), 'other', seeds=(2, 3))))
+  with pytest.raises(ValueError, match=r'SAM .*radius 0.1.* seeds \[2, 3\]'):
+    report.merge_results([str(p) for p in paths] + [str(more)])
+
+
+def test_pooling_refuses_parts_of_another_model_and_names_each_recipe(
+    tmp_path):
+  runs = [record('SGD', 0.0, s, 0.6, 0.6, kind='sgd') for s in range(2)]
+  common = {'noise': [0.2], 'seeds': 2, 'lr': 4e-3, 'n_train': 10,
+            'n_val': 5, 'n_test': 5, 'width': 25, 'batch_size': 2,
+            'epochs': 1, 'total_steps': 5, 'rhos': [], 'p': [0.2]}
+  cnn = common | {'command': 'cnn'}  # older files have no --model: the CNN
+  transformer = common | {'command': 'tf', 'model': 'transformer',
+                          'weight_decay': 0.05, 'warmup_epochs': 2.0}
+  paths = [tmp_path / 'cnn.json', tmp_path / 'tf.json']
+  for path, settings in zip(paths, (cnn, transformer), strict=True):
+    path.write_text(json.dumps({'settings': settings, 'elapsed_s': 1.0,
+                                'load_average': {'start': [1], 'end': [2]},
+                                'runs': runs}))
+  with pytest.raises(ValueError, match='model differs.*cnn and transformer'):
     report.merge_results([str(p) for p in paths])
+  assert 'SGD momentum 0.9' in report.title_of(cnn)
+  title = report.title_of(transformer)
+  assert 'AdamW (weight decay 0.05)' in title and 'SGD' not in title
+  assert 'CNN' not in title
 
 
 def test_the_report_writes_every_table_as_one_markdown_page(tmp_path):

@@ -265,11 +265,17 @@ def format_flatness(flat):
 
 def title_of(settings):
   """One line of the recipe, from a result's settings."""
+  if settings.get('model') == 'transformer':
+    model = (f'the pre-LN transformer, AdamW (weight decay '
+             f'{settings["weight_decay"]}), warmup-cosine lr {settings["lr"]} '
+             f'({settings["warmup_epochs"]} epochs of warmup)')
+  else:
+    model = (f'1-D CNN width {settings["width"]}, SGD momentum 0.9, cosine lr '
+             f'{settings["lr"]}')
   return (
       f'MNIST-1D ({settings["n_train"]} train incl. noisy labels, '
-      f'{settings["n_val"]} clean val., {settings["n_test"]} clean test), 1-D '
-      f'CNN width {settings["width"]}, SGD momentum 0.9, cosine lr '
-      f'{settings["lr"]}, batch {settings["batch_size"]}, {settings["epochs"]} '
+      f'{settings["n_val"]} clean val., {settings["n_test"]} clean test), '
+      f'{model}, batch {settings["batch_size"]}, {settings["epochs"]} '
       f'epochs ({settings["total_steps"]} steps), {settings["seeds"]} seeds, '
       f'rho grid {settings["rhos"]}, mean p {settings["p"]}')
 
@@ -352,7 +358,10 @@ def report(result, out, name):
 def merge_results(paths):
   """One result from saved JSONs: parts with other radii, budgets or kinds.
 
-  The parts must share the recipe and the seeds. Their runs are pooled (a run
+  The parts must share the recipe; they may have run other seeds (a part with
+  ``--seed-list 3,4,5,6,7`` extends one of 3 seeds), but every configuration
+  must then have run every pooled seed, so that the pairing holds. Their runs
+  are pooled (a run
   already present, same noise, seed, configuration, radius and alpha, is kept
   from the first file) and summarized again, so each configuration's radius
   (and alpha) is chosen on validation over its pooled grid. Runs of files
@@ -369,16 +378,25 @@ def merge_results(paths):
   if len(results) == 1:  # summarized again, by this version of the script
     return results[0] | {'summary': stats.summarize(results[0]['runs'])}
   first = results[0]
-  keep = ('seeds', 'epochs', 'lr', 'batch_size', 'width', 'num_samples',
-          'val_size', 'total_steps', 'flat_n', 'flat_iters', 'flat_steps',
-          'flat_radius')
+  keep = ('model', 'weight_decay', 'warmup_epochs', 'epochs', 'lr',
+          'batch_size', 'width', 'num_samples', 'val_size', 'total_steps',
+          'flat_n', 'flat_iters', 'flat_steps', 'flat_radius')
   seen, runs, flat = set(), [], {}
+
+  def setting(result, k):  # files older than --model are the CNN's
+    if k == 'model':
+      return result['settings'].get('model', 'cnn')
+    if setting(result, 'model') == 'cnn' and k in ('weight_decay',
+                                                   'warmup_epochs'):
+      return None  # AdamW's settings, unused by the CNN
+    return result['settings'].get(k)
+
   for path, result in zip(paths, results, strict=True):
     for k in keep:
-      if result['settings'].get(k) != first['settings'].get(k):
+      if setting(result, k) != setting(first, k):
         raise ValueError(f'--from-json: {k} differs between the files: '
-                         f'{first["settings"].get(k)} and '
-                         f'{result["settings"].get(k)} ({path}).')
+                         f'{setting(first, k)} and {setting(result, k)} '
+                         f'({path}).')
     for r in result['runs']:
       key = (r['noise'], r['seed'], r['config'], r['rho_grid'], r['alpha'])
       if key not in seen:
@@ -394,6 +412,19 @@ def merge_results(paths):
             if name in values:
               into['per_seed'].setdefault(seed, {})[name] = values[name]
 
+  seeds_of, grid = {}, {}
+  for r in runs:
+    seeds_of.setdefault(r['noise'], set()).add(r['seed'])
+    grid.setdefault((r['noise'], r['config'], r['rho_grid'], r['alpha']),
+                    set()).add(r['seed'])
+  for (noise, config, rho, alpha), seeds in sorted(grid.items()):
+    if seeds != seeds_of[noise]:
+      missing = sorted(seeds_of[noise] - seeds)
+      raise ValueError(
+          f'--from-json: {config} (noise {noise}, radius {rho}, alpha '
+          f'{alpha}) has no run for seeds {missing}; pooled parts must run '
+          'every configuration on the same seeds (the pairing).')
+
   def union(name):
     values = set()
     for result in results:
@@ -405,6 +436,8 @@ def merge_results(paths):
   merged['settings'] = dict(first['settings']) | {
       'noise': union('noise'), 'p': union('p'), 'kinds': union('kinds'),
       'rhos': sorted({r['rho_grid'] for r in runs if r['kind'] != 'sgd'}),
+      'seeds': len({r['seed'] for r in runs}),
+      'seed_list': sorted({r['seed'] for r in runs}),
       'command': ' + '.join(r['settings']['command'] for r in results),
       'merged_from': list(paths)}
   merged['parts'] = [{'file': path, 'command': r['settings']['command'],

@@ -71,25 +71,36 @@ label-noise-report: $(STAMP)
 # The transformer on MNIST-1D (benchmarks/results/transformer.md): a pre-LN
 # transformer trained with AdamW (warmup-cosine), 30 epochs (810 steps). The
 # parts in order: the base-recipe tuning (lr at weight decay 0.05, AdamW and
-# SAM at rho 0.2, 2 seeds), then 20% noise at 0.6x SAM's passes (p = 0.2:
-# RST, LookSAM, the coin with the window, SAM short, AdamW long) and at
-# 0.75x (p = 0.5: the quick start, SAM short, AdamW long). Wall times were
-# measured on 2 cores shared by 7 sessions at load 10-20 (nice 10), up to
-# three parts at once: contended times, not the model's cost.
+# SAM at rho 0.2, 2 seeds); SAM's wide radius scan (2 seeds); 20% noise, 8
+# seeds (seeds 0-2, then 3-7 with --seed-list; pooled by --from-json) at 0.6x
+# SAM's passes (p = 0.2: RST, LookSAM, the coin with the window, SAM short,
+# AdamW long) and at 0.75x (p = 0.5: the quick start, SAM short, AdamW long);
+# 40% noise and clean labels, 8 seeds. Wall times: 2 cores, two parts at once
+# (load 4-5, nice 5) from the rho scan on; the first five parts at load 10-20.
 TRANSFORMER := JAX_COMPILATION_CACHE_DIR=runs/jax_cache $(BIN)/python -m benchmarks.label_noise --model transformer --epochs 30 --no-flatness --workers 1
 LABEL_NOISE_1 := $(BIN)/python -m benchmarks.label_noise --no-flatness --workers 1
 TF_TUNE := $(TRANSFORMER) --seeds 2 --noise 0.2 --kinds '' --rhos 0.2 --weight-decay 0.05
-TF_20 := $(TRANSFORMER) --seeds 3 --noise 0.2 --rhos 0.05,0.1 --alphas 0.25 --lr 4e-3 --weight-decay 0.05
+TF_RECIPE := $(TRANSFORMER) --lr 4e-3 --weight-decay 0.05
+TF_20 := $(TF_RECIPE) --seeds 3 --noise 0.2 --rhos 0.05,0.1 --alphas 0.25
+TF_20_37 := $(TF_20) --seed-list 3,4,5,6,7
 bench-transformer: $(STAMP)
 	$(TF_TUNE) --lr 2e-3 --name transformer_tune_lr2e-3_wd0.05  # 13.5 min (stopped in its flatness stage; runs kept)
 	$(TF_TUNE) --lr 4e-3 --name transformer_tune_lr4e-3_wd0.05  # 7.6 min
+	$(TF_RECIPE) --seeds 2 --noise 0.4,0.2,0 --kinds '' --rhos 0.01,0.02,0.2,0.5,1.0 --name transformer_rho_scan  # 11.4 min
 	$(TF_20) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020  # 38.4 min
 	$(TF_20) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050  # 19.0 min
 	$(TF_20) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05  # 7.2 min
-	$(TRANSFORMER) --seeds 3 --noise 0.4 --rhos 0.05,0.1 --alphas 0.25 --lr 4e-3 --weight-decay 0.05 --p 0.2 --kinds rst,looksam --name transformer_40_p020  # 13.2 min
-	$(TRANSFORMER) --seeds 3 --noise 0 --rhos 0.05,0.1 --lr 4e-3 --weight-decay 0.05 --p 0.5 --kinds every_k_lam --name transformer_clean_p050  # 11.3 min
+	$(TF_20_37) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020_s37  # 13.8 min
+	$(TF_20_37) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050_s37
+	$(TF_20_37) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05_s37
+	$(TF_RECIPE) --seeds 8 --noise 0.2 --rhos 0.05,0.1 --alphas 0.1 --p 0.2 --kinds looksam,reuse_fresh --no-baselines --name transformer_20_p020_a01_8
+	$(TF_RECIPE) --seeds 8 --noise 0.4 --rhos 0.05,0.1,0.2 --alphas 0.1,0.25,0.5 --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_40_p020_8
+	$(TF_RECIPE) --seeds 8 --noise 0.4 --rhos 0.05,0.1,0.2 --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_40_p050_8
+	$(TF_RECIPE) --seeds 8 --noise 0 --rhos 0.02,0.05,0.1 --p 0.5 --kinds every_k_lam,sam_short,base_long --name transformer_clean_p050_8
+	$(TF_RECIPE) --seeds 8 --noise 0 --rhos 0.02,0.05,0.1 --alphas 0.25 --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --no-baselines --name transformer_clean_p020_8
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.4 --name budget_cnn_20  # 4.8 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short --rhos 0.1,0.2 --name budget_cnn_20_short  # 6.5 min
+	$(LABEL_NOISE_1) --no-baselines --noise 0.4 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.1,0.2,0.3 --name budget_cnn_40
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.5 --rhos 0.2,0.3 --name frontier_cnn_p010  # 6.0 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.7 --rhos 0.2,0.3,0.4 --name frontier_cnn_p010_a07  # 5.7 min
 	$(BIN)/python -m benchmarks.label_noise.reuse_share --warm 300 --k 5  # about 10 min
@@ -97,17 +108,26 @@ bench-transformer: $(STAMP)
 
 # The CNN's fixed budget pools the new kinds with the saved recipe-1 parts
 # (same seeds, data and initializations, so the pairing holds).
-BUDGET_CNN := budget_cnn_20 budget_cnn_20_short label_noise_20_p050 label_noise_p020 label_noise_reuse_20_p020 label_noise_reuse_20_p020_low label_noise_reuse_20_p020_r01 label_noise_reuse_p050
-TF_PARTS := transformer_20_p020 transformer_20_p050 transformer_20_p020_a05
+# The recommended configurations (the quick start; LookSAM with the warm-up,
+# seeds 0-7 of the collapse parts) get rows of their own (--ours).
+BUDGET_CNN := budget_cnn_20 budget_cnn_20_short label_noise_20_p050 label_noise_p020 label_noise_reuse_20_p020 label_noise_reuse_20_p020_low label_noise_reuse_20_p020_r01 label_noise_reuse_p050 collapse_r1_20_s07
+BUDGET_CNN_40 := budget_cnn_40 label_noise_40_p050 label_noise_p020 label_noise_reuse_40_p020 label_noise_reuse_40_p020_r01 label_noise_reuse_p050 collapse_r1_40_new
+BUDGET := $(BIN)/python -m benchmarks.label_noise.budget --ours 'LookSAM, alpha and rho warm-up 5 epochs p=0.2;every k, lam x k p=0.5'
+TF_PARTS := transformer_20_p020 transformer_20_p050 transformer_20_p020_a05 transformer_20_p020_s37 transformer_20_p050_s37 transformer_20_p020_a05_s37 transformer_20_p020_a01_8
+TF_PARTS_40 := transformer_40_p020_8 transformer_40_p050_8
+TF_PARTS_CLEAN := transformer_clean_p050_8 transformer_clean_p020_8
 FRONTIER_CNN := frontier_cnn_p010 frontier_cnn_p010_a07 label_noise_20_p050 label_noise_40_p050 label_noise_reuse_20_p020 label_noise_reuse_20_p020_low label_noise_reuse_20_p020_r01 label_noise_reuse_40_p020 label_noise_reuse_40_p020_r01
 # The pooled transformer reports alone, from the parts' JSON files (seconds).
 transformer-report: $(STAMP)
 	$(TRANSFORMER) --name transformer_20 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
-	$(BIN)/python -m benchmarks.label_noise.budget --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
-	$(TRANSFORMER) --name transformer_40_p020 --from-json $(LN_RESULTS)/transformer_40_p020.json
-	$(TRANSFORMER) --name transformer_clean_p050 --from-json $(LN_RESULTS)/transformer_clean_p050.json
+	$(BUDGET) --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
+	$(TRANSFORMER) --name transformer_40 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS_40),$(LN_RESULTS)/$(p).json))
+	$(BUDGET) --from-json $(LN_RESULTS)/transformer_40.json
+	$(TRANSFORMER) --name transformer_clean --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS_CLEAN),$(LN_RESULTS)/$(p).json))
+	$(BUDGET) --from-json $(LN_RESULTS)/transformer_clean.json
 	$(LABEL_NOISE) --name frontier_cnn --from-json $(subst $(eval) ,$(comma),$(foreach p,$(FRONTIER_CNN),$(LN_RESULTS)/$(p).json))
-	$(BIN)/python -m benchmarks.label_noise.budget --from-json $(subst $(eval) ,$(comma),$(foreach p,$(BUDGET_CNN),$(LN_RESULTS)/$(p).json))
+	$(BUDGET) --from-json $(subst $(eval) ,$(comma),$(foreach p,$(BUDGET_CNN),$(LN_RESULTS)/$(p).json))
+	$(BUDGET) --seed-list 0,1,2,3,4,5,6,7 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(BUDGET_CNN_40),$(LN_RESULTS)/$(p).json))
 
 # LookSAM's collapse rates (issue 24; benchmarks/results/collapse.md): 24
 # seeds per cell, recipes 1-3 (2: --val-size 600 --epochs 115; 3: --lr 0.2)

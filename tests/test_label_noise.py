@@ -818,6 +818,32 @@ def test_the_budget_table_pits_the_best_on_validation_against_both():
   assert row['vs_short']['sem'] == pytest.approx(0.01 / np.sqrt(3))
   text = budget.format_budget({'0.2': [row]})
   assert '| 0.60 | LookSAM p=0.2 (0.1) |' in text and '+4.00 ±' in text
+  # A configuration named by --ours gets a row of its own, marked.
+  best, mine = budget.budget_rows(result, ours=('RST p=0.2',))['0.2']
+  assert best['best']['config'] == 'LookSAM p=0.2' and best['chosen']
+  assert mine['best']['config'] == 'RST p=0.2' and not mine['chosen']
+  assert mine['vs_short']['mean'] == pytest.approx(0.15)  # 0.90 - 0.75
+  assert '| 0.60 | RST p=0.2 † (0.1) |' in budget.format_budget(
+      {'0.2': [best, mine]})
+
+
+def test_pooling_keeps_only_the_seeds_asked_for(tmp_path):
+  def part(seeds, config, command):
+    runs = [record(config, 0.1, s, 0.7, 0.7, kind='sam', passes=20)
+            for s in seeds]
+    return {'settings': {'noise': [0.2], 'seeds': len(seeds),
+                         'command': command},
+            'elapsed_s': 1.0, 'load_average': {'start': [1], 'end': [2]},
+            'runs': runs}
+
+  paths = [tmp_path / 'eight.json', tmp_path / 'many.json']
+  paths[0].write_text(json.dumps(part(range(8), 'SAM', 'eight')))
+  paths[1].write_text(json.dumps(part(range(24), 'SAM x', 'many')))
+  with pytest.raises(ValueError, match=r'SAM .*seeds \[8, 9'):
+    report.merge_results([str(p) for p in paths])
+  merged = report.merge_results([str(p) for p in paths], seeds=range(8))
+  assert merged['settings']['seed_list'] == list(range(8))
+  assert len(merged['runs']) == 16
 
 
 def test_the_reuse_share_probe_sees_sgd_follow_the_direction_and_adam_turn_it():

@@ -33,8 +33,13 @@ def tests_at_choice(records, noise, config):
   return np.asarray(stats.test_of([runs[s] for s in seeds]))
 
 
-def budget_rows(result):
-  """{noise: [row per budget]}: the best, SAM short and base long, paired."""
+def budget_rows(result, ours=()):
+  """{noise: [row per budget]}: the best, SAM short and base long, paired.
+
+  ``ours``: configurations (names) compared as well, each in a row of its
+  own at its budget, e.g. the recommended one where another won on
+  validation.
+  """
   runs, summary = result['runs'], result['summary']
   out = {}
   for key, block in summary.items():
@@ -50,13 +55,16 @@ def budget_rows(result):
       if not family or short is None or long is None:
         continue
       best = max(family, key=lambda r: r['val_acc']['mean'])
-      acc = {name: tests_at_choice(runs, noise, name)
-             for name in (best['config'], short['config'], long['config'])}
-      row = {'p': p, 'budget': (1 + p) / 2, 'best': best, 'short': short,
-             'long': long}
-      for tag, other in (('vs_short', short), ('vs_long', long)):
-        row[tag] = stats.stats(acc[best['config']] - acc[other['config']])
-      out.setdefault(key, []).append(row)
+      named = [r for r in family if r['config'] in ours
+               and r['config'] != best['config']]
+      for mine in [best] + named:
+        acc = {name: tests_at_choice(runs, noise, name)
+               for name in (mine['config'], short['config'], long['config'])}
+        row = {'p': p, 'budget': (1 + p) / 2, 'best': mine, 'short': short,
+               'long': long, 'chosen': mine is best}
+        for tag, other in (('vs_short', short), ('vs_long', long)):
+          row[tag] = stats.stats(acc[mine['config']] - acc[other['config']])
+        out.setdefault(key, []).append(row)
   return out
 
 
@@ -82,13 +90,16 @@ def format_budget(rows_by_noise):
   for key, rows in rows_by_noise.items():
     parts.append(
         f'**{float(key):.0%} noisy labels**: test acc. % ± s.e. (paired Δ '
-        'vs full SAM, pp); ✗n: n seeds diverged\n\n| budget (× SAM) | best '
-        'configuration (ρ, α) | best | SAM short (ρ) | SAM short | base long '
-        '| best − SAM short (pp) | best − base long (pp) |\n'
+        'vs full SAM, pp); ✗n: n seeds diverged; ours: the best on '
+        'validation at that budget, or † one named by --ours\n\n'
+        '| budget (× SAM) | ours '
+        '(ρ, α) | ours | SAM short (ρ) | SAM short | base long '
+        '| ours − SAM short (pp) | ours − base long (pp) |\n'
         '|---|---|---|---|---|---|---|---|')
     for r in rows:
       parts[-1] += (
-          f"\n| {r['budget']:.2f} | {r['best']['config']} "
+          f"\n| {r['budget']:.2f} | {r['best']['config']}"
+          f"{'' if r.get('chosen', True) else ' †'} "
           f"({_setting(r['best'])}) | {_cell(r['best'])} | "
           f"{_setting(r['short'])} | {_cell(r['short'])} | "
           f"{_cell(r['long'])} | {100 * r['vs_short']['mean']:+.2f} ± "
@@ -104,9 +115,16 @@ def main(argv=None):
                                    'benchmarks.label_noise.budget')
   parser.add_argument('--from-json', required=True,
                       help='saved results, comma-separated to pool them')
+  parser.add_argument('--ours', default='',
+                      help='configurations compared too, semicolon-separated '
+                      '(e.g. the recommended one)')
+  parser.add_argument('--seed-list', type=lambda t: tuple(
+      int(v) for v in t.split(',') if v.strip()), default=None,
+                      help='pool only these seeds (e.g. 0-7 of a 24-seed part)')
   args = parser.parse_args(argv)
-  result = report.merge_results(args.from_json.split(','))
-  text = format_budget(budget_rows(result))
+  result = report.merge_results(args.from_json.split(','), args.seed_list)
+  ours = tuple(c.strip() for c in args.ours.split(';') if c.strip())
+  text = format_budget(budget_rows(result, ours))
   print(text)
   return text
 

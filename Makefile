@@ -113,6 +113,8 @@ bench-transformer: $(STAMP)
 BUDGET_CNN := budget_cnn_20 budget_cnn_20_short label_noise_20_p050 label_noise_p020 label_noise_reuse_20_p020 label_noise_reuse_20_p020_low label_noise_reuse_20_p020_r01 label_noise_reuse_p050 collapse_r1_20_s07
 BUDGET_CNN_40 := budget_cnn_40 label_noise_40_p050 label_noise_p020 label_noise_reuse_40_p020 label_noise_reuse_40_p020_r01 label_noise_reuse_p050 collapse_r1_40_new
 BUDGET := $(BIN)/python -m benchmarks.label_noise.budget --ours 'LookSAM, alpha and rho warm-up 5 epochs p=0.2;every k, lam x k p=0.5'
+# AdamW's recommendation is LookSAM at one setting: rho 0.1, alpha 0.25.
+BUDGET_TF := $(BIN)/python -m benchmarks.label_noise.budget --ours 'LookSAM (every k + reuse) p=0.2@0.1,0.25'
 TF_PARTS := transformer_20_p020 transformer_20_p050 transformer_20_p020_a05 transformer_20_p020_s37 transformer_20_p050_s37 transformer_20_p020_a05_s37 transformer_20_p020_a01_8
 TF_PARTS_40 := transformer_40_p020_8 transformer_40_p050_8
 TF_PARTS_CLEAN := transformer_clean_p050_8 transformer_clean_p020_8
@@ -120,11 +122,11 @@ FRONTIER_CNN := frontier_cnn_p010 frontier_cnn_p010_a07 label_noise_20_p050 labe
 # The pooled transformer reports alone, from the parts' JSON files (seconds).
 transformer-report: $(STAMP)
 	$(TRANSFORMER) --name transformer_20 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
-	$(BUDGET) --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS),$(LN_RESULTS)/$(p).json))
+	$(BUDGET_TF) --from-json $(LN_RESULTS)/transformer_20.json
 	$(TRANSFORMER) --name transformer_40 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS_40),$(LN_RESULTS)/$(p).json))
-	$(BUDGET) --from-json $(LN_RESULTS)/transformer_40.json
+	$(BUDGET_TF) --from-json $(LN_RESULTS)/transformer_40.json
 	$(TRANSFORMER) --name transformer_clean --from-json $(subst $(eval) ,$(comma),$(foreach p,$(TF_PARTS_CLEAN),$(LN_RESULTS)/$(p).json))
-	$(BUDGET) --from-json $(LN_RESULTS)/transformer_clean.json
+	$(BUDGET_TF) --from-json $(LN_RESULTS)/transformer_clean.json
 	$(LABEL_NOISE) --name frontier_cnn --from-json $(subst $(eval) ,$(comma),$(foreach p,$(FRONTIER_CNN),$(LN_RESULTS)/$(p).json))
 	$(BUDGET) --from-json $(subst $(eval) ,$(comma),$(foreach p,$(BUDGET_CNN),$(LN_RESULTS)/$(p).json))
 	$(BUDGET) --seed-list 0,1,2,3,4,5,6,7 --from-json $(subst $(eval) ,$(comma),$(foreach p,$(BUDGET_CNN_40),$(LN_RESULTS)/$(p).json))

@@ -825,6 +825,17 @@ def test_the_budget_table_pits_the_best_on_validation_against_both():
   assert mine['vs_short']['mean'] == pytest.approx(0.15)  # 0.90 - 0.75
   assert '| 0.60 | RST p=0.2 † (0.1) |' in budget.format_budget(
       {'0.2': [best, mine]})
+  # NAME@RHO,ALPHA holds it at that grid point, whatever validation chose.
+  runs += [record('LookSAM p=0.2', 0.2, seed, 0.5, 0.70, kind='looksam')
+           | {'p': 0.2, 'alpha': 0.0} for seed in range(3)]
+  result = {'runs': runs, 'summary': stats.summarize(runs)}
+  name = budget.pin(result, 'LookSAM p=0.2@0.2,0')
+  assert name == 'LookSAM p=0.2 at ρ 0.2, α 0'
+  rows = budget.budget_rows(result, ours=(name,))['0.2']
+  assert [r['best']['config'] for r in rows] == ['LookSAM p=0.2', name]
+  assert rows[1]['vs_short']['mean'] == pytest.approx(-0.05)  # 0.70 - 0.75
+  with pytest.raises(ValueError, match='no run of .* radius 0.3'):
+    budget.pin(result, 'LookSAM p=0.2@0.3,0')
 
 
 def test_pooling_keeps_only_the_seeds_asked_for(tmp_path):

@@ -68,6 +68,31 @@ def budget_rows(result, ours=()):
   return out
 
 
+def pin(result, entry):
+  """A configuration of ``--ours`` held at one grid point: its name.
+
+  ``entry`` is ``'NAME'`` (at its radius and alpha chosen on validation) or
+  ``'NAME@RHO,ALPHA'`` (at that grid radius and alpha, as the guidance
+  recommends it). For the latter, copies of those runs are added to
+  ``result`` under the name ``'NAME at ρ RHO, α ALPHA'``, and the summary is
+  made again.
+  """
+  if '@' not in entry:
+    return entry
+  name, at = entry.split('@')
+  g, alpha = (float(v) for v in at.split(','))
+  pinned = f'{name} at ρ {g:g}, α {alpha:g}'
+  runs = [r | {'config': pinned} for r in stats.with_alpha(result['runs'])
+          if r['config'] == name and r['rho_grid'] == g
+          and r['alpha'] == alpha]
+  if not runs:
+    raise ValueError(f'--ours: no run of {name!r} at radius {g:g} and alpha '
+                     f'{alpha:g}.')
+  result['runs'] = result['runs'] + runs
+  result['summary'] = stats.summarize(result['runs'])
+  return pinned
+
+
 def _cell(row):
   """'test % ± s.e. (Δ SAM)' of a summary row."""
   t, d = row['test_acc'], row.get('diff_vs_SAM')
@@ -117,13 +142,15 @@ def main(argv=None):
                       help='saved results, comma-separated to pool them')
   parser.add_argument('--ours', default='',
                       help='configurations compared too, semicolon-separated '
-                      '(e.g. the recommended one)')
+                      '(e.g. the recommended one); NAME@RHO,ALPHA holds one '
+                      'at that grid radius and alpha')
   parser.add_argument('--seed-list', type=lambda t: tuple(
       int(v) for v in t.split(',') if v.strip()), default=None,
                       help='pool only these seeds (e.g. 0-7 of a 24-seed part)')
   args = parser.parse_args(argv)
   result = report.merge_results(args.from_json.split(','), args.seed_list)
-  ours = tuple(c.strip() for c in args.ours.split(';') if c.strip())
+  ours = tuple(pin(result, c.strip()) for c in args.ours.split(';')
+               if c.strip())
   text = format_budget(budget_rows(result, ours))
   print(text)
   return text

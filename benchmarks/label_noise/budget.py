@@ -17,7 +17,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks.label_noise import report, stats
+from benchmarks.label_noise import cli, report, stats
 
 FIXED = ('sam_short', 'base_long')
 
@@ -144,8 +144,7 @@ def main(argv=None):
                       help='configurations compared too, semicolon-separated '
                       '(e.g. the recommended one); NAME@RHO,ALPHA holds one '
                       'at that grid radius and alpha')
-  parser.add_argument('--seed-list', type=lambda t: tuple(
-      int(v) for v in t.split(',') if v.strip()), default=None,
+  parser.add_argument('--seed-list', type=cli.ints, default=None,
                       help='pool only these seeds (e.g. 0-7 of a 24-seed part)')
   args = parser.parse_args(argv)
   result = report.merge_results(args.from_json.split(','), args.seed_list)

@@ -31,6 +31,11 @@ def floats(text):
   return tuple(float(v) for v in text.split(',') if v.strip())
 
 
+def ints(text):
+  """A comma-separated flag as a tuple of ints (``--seed-list``)."""
+  return tuple(int(v) for v in text.split(',') if v.strip())
+
+
 def parse_args(argv=None):
   """The flags, checked; ``--quick`` sets a tiny plumbing run."""
   parser = argparse.ArgumentParser(
@@ -61,8 +66,7 @@ def parse_args(argv=None):
                       help='with --baselines, run SAM (--no-sam: SGD alone)')
   parser.add_argument('--sam-rhos', type=floats, default=None,
                       help='radii of the baseline SAM (default: --rhos)')
-  parser.add_argument('--seed-list', type=lambda t: tuple(
-      int(v) for v in t.split(',') if v.strip()), default=None,
+  parser.add_argument('--seed-list', type=ints, default=None,
                       help='run these seeds instead of 0 .. --seeds - 1')
   from examples import mnist1d_demo
   mnist1d_demo.add_recipe_arguments(parser)

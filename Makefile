@@ -90,17 +90,17 @@ bench-transformer: $(STAMP)
 	$(TF_20) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020  # 38.4 min
 	$(TF_20) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050  # 19.0 min
 	$(TF_20) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05  # 7.2 min
-	$(TF_20_37) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020_s37  # 13.8 min
-	$(TF_20_37) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050_s37
-	$(TF_20_37) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05_s37
-	$(TF_RECIPE) --seeds 8 --noise 0.2 --rhos 0.05,0.1 --alphas 0.1 --p 0.2 --kinds looksam,reuse_fresh --no-baselines --name transformer_20_p020_a01_8
-	$(TF_RECIPE) --seeds 8 --noise 0.4 --rhos 0.05,0.1,0.2 --alphas 0.1,0.25,0.5 --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_40_p020_8
-	$(TF_RECIPE) --seeds 8 --noise 0.4 --rhos 0.05,0.1,0.2 --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_40_p050_8
-	$(TF_RECIPE) --seeds 8 --noise 0 --rhos 0.02,0.05,0.1 --p 0.5 --kinds every_k_lam,sam_short,base_long --name transformer_clean_p050_8
-	$(TF_RECIPE) --seeds 8 --noise 0 --rhos 0.02,0.05,0.1 --alphas 0.25 --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --no-baselines --name transformer_clean_p020_8
+	$(TF_20_37) --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_20_p020_s37  # 15.3 min
+	$(TF_20_37) --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_20_p050_s37  # 6.9 min
+	$(TF_20_37) --p 0.2 --kinds looksam,reuse_fresh --alphas 0.5 --no-baselines --name transformer_20_p020_a05_s37  # 5.2 min
+	$(TF_RECIPE) --seeds 8 --noise 0.2 --rhos 0.05,0.1 --alphas 0.1 --p 0.2 --kinds looksam,reuse_fresh --no-baselines --name transformer_20_p020_a01_8  # 7.9 min
+	$(TF_RECIPE) --seeds 8 --noise 0.4 --rhos 0.05,0.1,0.2 --alphas 0.1,0.25,0.5 --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --name transformer_40_p020_8  # 58.6 min
+	$(TF_RECIPE) --seeds 8 --noise 0.4 --rhos 0.05,0.1,0.2 --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_40_p050_8  # 15.6 min
+	$(TF_RECIPE) --seeds 8 --noise 0 --rhos 0.02,0.05,0.1 --p 0.5 --kinds every_k_lam,sam_short,base_long --name transformer_clean_p050_8  # 28.4 min
+	$(TF_RECIPE) --seeds 8 --noise 0 --rhos 0.02,0.05,0.1 --alphas 0.25 --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --no-baselines --name transformer_clean_p020_8  # 23.2 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.4 --name budget_cnn_20  # 4.8 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short --rhos 0.1,0.2 --name budget_cnn_20_short  # 6.5 min
-	$(LABEL_NOISE_1) --no-baselines --noise 0.4 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.1,0.2,0.3 --name budget_cnn_40
+	$(LABEL_NOISE_1) --no-baselines --noise 0.4 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.1,0.2,0.3 --name budget_cnn_40  # 14.7 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.5 --rhos 0.2,0.3 --name frontier_cnn_p010  # 6.0 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2,0.4 --p 0.1 --kinds looksam --alphas 0.7 --rhos 0.2,0.3,0.4 --name frontier_cnn_p010_a07  # 5.7 min
 	$(BIN)/python -m benchmarks.label_noise.reuse_share --warm 300 --k 5  # about 10 min

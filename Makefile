@@ -98,6 +98,8 @@ bench-transformer: $(STAMP)
 	$(TF_RECIPE) --seeds 8 --noise 0.4 --rhos 0.05,0.1,0.2 --p 0.5 --kinds every_k_lam,sam_short,base_long --no-baselines --name transformer_40_p050_8  # 15.6 min
 	$(TF_RECIPE) --seeds 8 --noise 0 --rhos 0.02,0.05,0.1 --p 0.5 --kinds every_k_lam,sam_short,base_long --name transformer_clean_p050_8  # 28.4 min
 	$(TF_RECIPE) --seeds 8 --noise 0 --rhos 0.02,0.05,0.1 --alphas 0.25 --p 0.2 --kinds rst,looksam,reuse_fresh,sam_short,base_long --no-baselines --name transformer_clean_p020_8  # 23.2 min
+	$(TF_RECIPE) --seeds 8 --noise 0.4 --kinds '' --rhos 0.3,0.4 --name transformer_40_sam_r034  # 5.7 min
+	$(TF_RECIPE) --seeds 8 --noise 0 --kinds '' --rhos 0.01 --name transformer_clean_sam_r001  # 3.9 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.4 --name budget_cnn_20  # 4.8 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.2 --p 0.2,0.5 --kinds sam_short --rhos 0.1,0.2 --name budget_cnn_20_short  # 6.5 min
 	$(LABEL_NOISE_1) --no-baselines --noise 0.4 --p 0.2,0.5 --kinds sam_short,base_long --rhos 0.1,0.2,0.3 --name budget_cnn_40  # 14.7 min
@@ -116,8 +118,8 @@ BUDGET := $(BIN)/python -m benchmarks.label_noise.budget --ours 'LookSAM, alpha 
 # AdamW's recommendation is LookSAM at one setting: rho 0.1, alpha 0.25.
 BUDGET_TF := $(BIN)/python -m benchmarks.label_noise.budget --ours 'LookSAM (every k + reuse) p=0.2@0.1,0.25'
 TF_PARTS := transformer_20_p020 transformer_20_p050 transformer_20_p020_a05 transformer_20_p020_s37 transformer_20_p050_s37 transformer_20_p020_a05_s37 transformer_20_p020_a01_8
-TF_PARTS_40 := transformer_40_p020_8 transformer_40_p050_8
-TF_PARTS_CLEAN := transformer_clean_p050_8 transformer_clean_p020_8
+TF_PARTS_40 := transformer_40_p020_8 transformer_40_p050_8 transformer_40_sam_r034
+TF_PARTS_CLEAN := transformer_clean_p050_8 transformer_clean_p020_8 transformer_clean_sam_r001
 FRONTIER_CNN := frontier_cnn_p010 frontier_cnn_p010_a07 label_noise_20_p050 label_noise_40_p050 label_noise_reuse_20_p020 label_noise_reuse_20_p020_low label_noise_reuse_20_p020_r01 label_noise_reuse_40_p020 label_noise_reuse_40_p020_r01
 # The pooled transformer reports alone, from the parts' JSON files (seconds).
 transformer-report: $(STAMP)

@@ -10,36 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _looksam import (
+  ALPHA,
+  LR,
+  RHO,
+  assert_same_bits,
+  looksam_by_hand,
+  run_cond_and_host,
+)
 from conftest import make_problem
 
 import rst_optax
 from rst_optax import schedules
-
-RHO, ALPHA, LR = 0.1, 0.7, 0.05
-
-
-def looksam_by_hand(params, loss_fn, plan, rho=RHO, alpha=ALPHA, lam=1.0,
-                    base=None):
-  """LookSAM written out: SAM on the steps of ``plan``, reuse in between."""
-  base = base or optax.sgd(LR, momentum=0.9)
-  grad = jax.grad(loss_fn)
-  state, g_v = base.init(params), None
-  for take in plan:
-    g = grad(params)
-    if take:
-      e = optax.tree.scale(rho / (optax.tree.norm(g) + 1e-12), g)
-      g_s = grad(optax.tree.add(params, e))
-      d = optax.tree.add_scale(g, lam, optax.tree.sub(g_s, g))
-      g_v = optax.tree.add_scale(
-          d, -optax.tree.vdot(d, g) / optax.tree.vdot(g, g), g)
-    elif g_v is not None:
-      d = optax.tree.add_scale(
-          g, alpha * optax.tree.norm(g) / optax.tree.norm(g_v), g_v)
-    else:
-      d = g
-    updates, state = base.update(d, state, params)
-    params = optax.apply_updates(params, updates)
-  return params
 
 
 def train(tx, params, loss_fn, steps, grad_fn=None, take=None):
@@ -209,14 +191,6 @@ def test_a_non_finite_base_gradient_stays_non_finite_only_where_it_is(problem):
   assert_same_bits(d, g)  # g itself, negative zeros included
 
 
-def assert_same_bits(a, b):
-  """The trees hold the same bits (``-0.0`` differs from ``0.0``)."""
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype == np.float32
-    np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))
-
-
 @pytest.mark.parametrize('alpha', [-1.0, float('nan'), 0.0])
 def test_a_schedule_value_at_or_below_zero_or_nan_reuses_nothing(problem,
                                                                  alpha):
@@ -330,30 +304,11 @@ def test_reuse_is_overflow_and_underflow_safe(scale):
   np.testing.assert_allclose(d['w'], want, rtol=1e-5)
 
 
-def run_cond_and_host(tx, params, loss_fn, steps=30):
-  """``steps`` steps of ``tx`` jitted (in-graph cond) and under host
-  dispatch, from the same start: the two final (params, state)."""
-  grad = jax.grad(loss_fn)
-
-  def train_step(params, state, take_sam=None):
-    updates, state = tx.update(grad(params), state, params, grad_fn=grad,
-                               take_sam=take_sam)
-    return optax.apply_updates(params, updates), state
-
-  cond_step, host_step = jax.jit(train_step), rst_optax.HostDispatch(
-      train_step, tx, check_every=5)
-  cond = host = (params, tx.init(params))
-  for _ in range(steps):
-    cond = cond_step(*cond)
-    host = host_step(*host)
-  return cond, host
-
-
 def test_host_dispatch_and_cond_are_identical_with_reuse():
   params, loss_fn = make_problem()
   tx = rst_optax.rst(optax.sgd(LR, momentum=0.9), 0.3, RHO, reuse=ALPHA,
                      seed=2)
-  cond, host = run_cond_and_host(tx, params, loss_fn)
+  cond, host, _ = run_cond_and_host(tx, params, loss_fn)
   chex.assert_trees_all_equal(cond, host)
   assert 3 < int(host[1].sam_steps) < 27
   assert float(optax.tree.norm(host[1].reuse_direction)) > 0.5
@@ -364,7 +319,7 @@ def test_host_dispatch_and_cond_agree_to_rounding_with_adam_and_reuse():
   # differently, and reuse magnifies the last bits (docs/dispatch.md).
   params, loss_fn = make_problem(key=2, d=40)
   tx = rst_optax.rst(optax.adam(1e-2), 0.3, RHO, reuse=0.7, seed=2)
-  cond, host = run_cond_and_host(tx, params, loss_fn)
+  cond, host, _ = run_cond_and_host(tx, params, loss_fn)
   assert int(cond[1].sam_steps) == int(host[1].sam_steps) > 3
   chex.assert_trees_all_close(cond[0], host[0], rtol=1e-3, atol=1e-4)
   chex.assert_trees_all_close(cond[1].reuse_direction,

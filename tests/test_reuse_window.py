@@ -14,49 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _looksam import (
+  ALPHA,
+  LR,
+  RHO,
+  assert_same_bits,
+  looksam_by_hand,
+  reuses,
+  run_cond_and_host,
+)
 from conftest import make_problem
 
 import rst_optax
 from rst_optax import schedules
 
-RHO, ALPHA, LR = 0.1, 0.7, 0.05
 MAX = int(np.iinfo(np.int32).max)
-
-
-def reuses(plan, window):
-  """Which steps of ``plan`` reuse: base steps at most ``window`` steps after
-  the last SAM step (all base steps after the first SAM step for None)."""
-  out, last = [], None
-  for t, take in enumerate(plan):
-    out.append(not take and last is not None
-               and (window is None or t - last <= window))
-    if take:
-      last = t
-  return np.array(out)
-
-
-def looksam_by_hand(params, loss_fn, plan, window, alpha=ALPHA, lam=1.0):
-  """LookSAM written out, with SGD and momentum: SAM on the steps of
-  ``plan``, and reuse on the base steps that ``reuses`` selects."""
-  base = optax.sgd(LR, momentum=0.9)
-  grad = jax.grad(loss_fn)
-  state, g_v = base.init(params), None
-  for take, reuse in zip(plan, reuses(plan, window), strict=True):
-    g = grad(params)
-    if take:
-      e = optax.tree.scale(RHO / (optax.tree.norm(g) + 1e-12), g)
-      g_s = grad(optax.tree.add(params, e))
-      d = optax.tree.add_scale(g, lam, optax.tree.sub(g_s, g))
-      g_v = optax.tree.add_scale(
-          d, -optax.tree.vdot(d, g) / optax.tree.vdot(g, g), g)
-    elif reuse:
-      d = optax.tree.add_scale(
-          g, alpha * optax.tree.norm(g) / optax.tree.norm(g_v), g_v)
-    else:
-      d = g
-    updates, state = base.update(d, state, params)
-    params = optax.apply_updates(params, updates)
-  return params
 
 
 def train(tx, params, loss_fn, steps):
@@ -131,13 +103,6 @@ def step_once(tx, state, params, g, take_sam, grad_fn):
                                         take_sam=take_sam))(state, g)
 
 
-def assert_same_bits(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype == np.float32
-    np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))
-
-
 @pytest.mark.parametrize('static', [True, False])
 def test_outside_the_window_the_base_step_is_g_itself(problem, static):
   """Step by step, with an identity base: the window counts from the last
@@ -200,37 +165,18 @@ def test_the_window_survives_the_int32_limit_of_the_step_count(problem):
     assert int(state.count) == int(state.last_sam_step) == MAX
 
 
-def run_cond_and_host(tx, params, loss_fn, steps=40):
-  grad = jax.grad(loss_fn)
-
-  def train_step(params, state, take_sam=None):
-    updates, state = tx.update(grad(params), state, params, grad_fn=grad,
-                               take_sam=take_sam)
-    return optax.apply_updates(params, updates), state
-
-  cond_step, host_step = jax.jit(train_step), rst_optax.HostDispatch(
-      train_step, tx, check_every=5)
-  cond = host = (params, tx.init(params))
-  lasts = []
-  for _ in range(steps):
-    cond = cond_step(*cond)
-    host = host_step(*host)
-    lasts.append([getattr(s, 'last_sam_step', None)  # None without a window
-                  for s in (cond[1], host[1])])
-  return cond, host, np.array(lasts)
-
-
 def test_host_dispatch_and_cond_take_the_same_decisions_and_bits():
   params, loss_fn = make_problem()
   tx = sgdm(0.25, seed=2, reuse_window=2)
   plan = rst_optax.decisions(0.25, 2, 0, 40)
-  cond, host, lasts = run_cond_and_host(tx, params, loss_fn)
+  cond, host, lasts = run_cond_and_host(tx, params, loss_fn, steps=40)
   chex.assert_trees_all_equal(cond, host)
   want = [max(np.flatnonzero(plan[:t + 1]), default=-1) for t in range(40)]
   np.testing.assert_array_equal(lasts, np.stack([want, want], 1))
   # The window bounds something here, and it changes the run.
   assert reuses(plan, 2).sum() < reuses(plan, None).sum()
-  unbounded, _, _ = run_cond_and_host(sgdm(0.25, seed=2), params, loss_fn)
+  unbounded, _, _ = run_cond_and_host(sgdm(0.25, seed=2), params, loss_fn,
+                                     steps=40)
   assert not np.allclose(unbounded[0]['w'], cond[0]['w'], rtol=1e-3)
 
 

@@ -60,15 +60,11 @@ class CallLog:
     return self.calls
 
 
-@pytest.mark.skipif(not hasattr(optax, 'microbatch'),
-                    reason='optax.microbatch first appeared in Optax 0.2.7')
-def test_microbatch_recipe_equals_the_full_batch_step():
-  x, y = prob.make_data(OUTER_STEPS)
-  tx = make_rst()
-  log = CallLog()
+def microbatched_and_full_steps(tx, grad):
+  """Two jitted steps of ``tx``: on the mean of ``grad`` over micro-batches
+  of ``MICRO`` (``optax.microbatch``, ``grad_fn`` too) and on the full batch."""
   acc_grad = optax.microbatch(
-      lambda p, xb, yb: log.grad(p, xb, yb, 0), argnums=(1, 2),
-      microbatch_size=MICRO,
+      grad, argnums=(1, 2), microbatch_size=MICRO,
       accumulator=optax.microbatching.AccumulationType.MEAN)
 
   @jax.jit
@@ -79,6 +75,17 @@ def test_microbatch_recipe_equals_the_full_batch_step():
     return optax.apply_updates(params, updates), state
 
   full_step = jax.jit(lambda p, s, xb, yb: prob.global_step(tx, p, s, xb, yb))
+  return accumulated_step, full_step
+
+
+@pytest.mark.skipif(not hasattr(optax, 'microbatch'),
+                    reason='optax.microbatch first appeared in Optax 0.2.7')
+def test_microbatch_recipe_equals_the_full_batch_step():
+  x, y = prob.make_data(OUTER_STEPS)
+  tx = make_rst()
+  log = CallLog()
+  accumulated_step, full_step = microbatched_and_full_steps(
+      tx, lambda p, xb, yb: log.grad(p, xb, yb, 0))
   params = full = prob.make_params()
   state = full_state = tx.init(params)
   for t in range(OUTER_STEPS):
@@ -227,18 +234,7 @@ def test_microbatch_recipe_with_reuse_equals_the_full_batch_step():
   """The recipe keeps the full-batch u, and its base steps reuse it."""
   x, y = prob.make_data(REUSE_STEPS)
   tx = make_reuse_rst()
-  acc_grad = optax.microbatch(
-      prob.grad, argnums=(1, 2), microbatch_size=MICRO,
-      accumulator=optax.microbatching.AccumulationType.MEAN)
-
-  @jax.jit
-  def accumulated_step(params, state, xb, yb):
-    g = acc_grad(params, xb, yb)
-    updates, state = tx.update(g, state, params,
-                               grad_fn=lambda p: acc_grad(p, xb, yb))
-    return optax.apply_updates(params, updates), state
-
-  full_step = jax.jit(lambda p, s, xb, yb: prob.global_step(tx, p, s, xb, yb))
+  accumulated_step, full_step = microbatched_and_full_steps(tx, prob.grad)
   params = full = prob.make_params()
   state = full_state = tx.init(params)
   for t in range(REUSE_STEPS):
